@@ -15,6 +15,6 @@ def tokenizer():
 
 
 @pytest.fixture
-def tiny_pipe(tokenizer):
-    """A fresh tiny pipeline per test (tests may change its tokenizer, embeddings or scheduler)."""
-    return ptp_utils.make_tiny_pipeline(seed=0, tokenizer=tokenizer)
+def tiny_pipe():
+    """A fresh tiny pipeline, with its own tokenizer, per test: tests may add tokens or swap schedulers."""
+    return ptp_utils.make_tiny_pipeline(seed=0)
