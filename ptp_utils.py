@@ -8,20 +8,26 @@ vocabulary that open_clip_torch ships, and a tiny random-weight Stable Diffusion
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.utils.torch_utils import randn_tensor
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from seq_aligner import get_word_inds
 
 # Stable Diffusion 1.x's noise schedule and DDIM settings, shared by every pipeline we build.
 SD_SCHEDULER_CONFIG = dict(
@@ -116,3 +122,323 @@ def make_tiny_pipeline(seed: int = 0, tokenizer: CLIPTokenizer | None = None) ->
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention control: processors installed through diffusers' attention-processor API.
+# ---------------------------------------------------------------------------------------------
+
+
+class P2PAttnProcessor:
+    """Attention of one UNet layer, with its probabilities handed to a Prompt-to-Prompt controller.
+
+    The probabilities are materialised only when the controller asks for them at this layer and
+    step; everywhere else the layer runs PyTorch's fused `scaled_dot_product_attention`.
+    Written for the transformer blocks of Stable Diffusion's UNet (inputs of shape (B, N, C)).
+    """
+
+    def __init__(self, controller, place_in_unet: str, is_cross: bool):
+        self.controller = controller
+        self.place_in_unet = place_in_unet
+        self.is_cross = is_cross
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        batch_size, num_queries, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch_size)
+
+        if self.controller.needs_attention(self.is_cross, self.place_in_unet, num_queries):
+            query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+            attention_probs = attn.get_attention_scores(query, key, attention_mask)
+            attention_probs = self.controller(attention_probs, self.is_cross, self.place_in_unet)
+            hidden_states = attn.batch_to_head_dim(torch.bmm(attention_probs, value))
+        else:
+            self.controller(None, self.is_cross, self.place_in_unet)
+            query, key, value = (
+                x.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for x in (query, key, value)
+            )
+            if attention_mask is not None:
+                attention_mask = attention_mask.unflatten(0, (batch_size, attn.heads))
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+            hidden_states = hidden_states.transpose(1, 2).flatten(2).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+class AttentionControlRegistration:
+    """What `register_attention_control` returns: `remove()` (or leaving a `with` block) restores
+    the UNet's original attention processors."""
+
+    def __init__(self, unet, original_processors: dict):
+        self.unet = unet
+        self.original_processors = original_processors
+
+    def remove(self) -> None:
+        self.unet.set_attn_processor(dict(self.original_processors))
+
+    def __enter__(self) -> AttentionControlRegistration:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+
+def register_attention_control(model: StableDiffusionPipeline, controller) -> AttentionControlRegistration:
+    """Route every attention layer of the UNet through `controller` (P2P's hook into the model).
+
+    Each layer gets a processor that knows its place (down/mid/up) and whether it is self- or
+    cross-attention (diffusers names them attn1 and attn2); the controller learns how many
+    layers there are, so it can count layers and denoising steps.
+    """
+    original_processors = model.unet.attn_processors
+    processors = {}
+    for name in original_processors:
+        place_in_unet = name.split("_")[0]  # "down_blocks...", "mid_block...", "up_blocks..."
+        processors[name] = P2PAttnProcessor(
+            controller, place_in_unet, is_cross=name.endswith("attn2.processor")
+        )
+    controller.num_att_layers = len(processors)
+    model.unet.set_attn_processor(processors)  # empties the dict it is given
+    return AttentionControlRegistration(model.unet, original_processors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Denoising.
+# ---------------------------------------------------------------------------------------------
+
+
+def diffusion_step(
+    model: StableDiffusionPipeline,
+    controller,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    t: torch.Tensor,
+    guidance_scale: float,
+    low_resource: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One denoising step with classifier-free guidance: z_t -> z_{t-1}.
+
+    `context` holds the unconditional embeddings followed by the prompts' embeddings. With
+    `low_resource` the two halves go through the UNet one after the other, halving peak memory.
+    `generator` feeds schedulers that add noise at each step (ancestral samplers).
+    """
+    latent_input = model.scheduler.scale_model_input(torch.cat([latents] * 2), t)
+    if low_resource:
+        noise_pred = torch.cat(
+            [
+                model.unet(half_input, t, encoder_hidden_states=half_context).sample
+                for half_input, half_context in zip(latent_input.chunk(2), context.chunk(2))
+            ]
+        )
+    else:
+        noise_pred = model.unet(latent_input, t, encoder_hidden_states=context).sample
+    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+    step_kwargs = model.prepare_extra_step_kwargs(generator, eta=0.0)
+    latents = model.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+    return controller.step_callback(latents)
+
+
+@torch.no_grad()
+def latent2image(vae: AutoencoderKL, latents: torch.Tensor) -> np.ndarray:
+    """Decode latents with the VAE to uint8 images of shape (B, H, W, 3)."""
+    image = vae.decode(latents / vae.config.scaling_factor).sample
+    image = (image / 2 + 0.5).clamp(0, 1)
+    image = image.permute(0, 2, 3, 1).float().cpu().numpy()
+    return (image * 255).round().astype(np.uint8)
+
+
+def init_latent(
+    latent: torch.Tensor | None,
+    model: StableDiffusionPipeline,
+    height: int,
+    width: int,
+    generator: torch.Generator | None,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The initial noise x_T, drawn once (unless given) and shared by every prompt of the batch.
+
+    Returns (x_T of shape (1, C, h, w), x_T expanded to the batch).
+    """
+    if latent is None:
+        shape = (
+            1,
+            model.unet.config.in_channels,
+            height // model.vae_scale_factor,
+            width // model.vae_scale_factor,
+        )
+        latent = randn_tensor(shape, generator=generator, device=model.device, dtype=model.unet.dtype)
+    latents = latent.to(model.device, model.unet.dtype).expand(batch_size, *latent.shape[1:])
+    return latent, latents
+
+
+def get_time_words_attention_alpha(
+    prompts: list[str],
+    num_steps: int,
+    cross_replace_steps: float | tuple[float, float] | dict,
+    tokenizer: CLIPTokenizer,
+    max_num_words: int = CLIP_MAX_LENGTH,
+) -> torch.Tensor:
+    """Per step, target prompt and token: take the source's cross-attention (1) or keep its own (0).
+
+    `cross_replace_steps` is a fraction of the steps from the start, a (start, end) pair of
+    fractions, or a dict of such values per word with the key "default_" for all other tokens.
+    Returns a tensor of shape (num_steps + 1, len(prompts) - 1, 1, 1, max_num_words).
+    """
+    if not isinstance(cross_replace_steps, dict):
+        cross_replace_steps = {"default_": cross_replace_steps}
+    cross_replace_steps = {"default_": (0.0, 1.0), **cross_replace_steps}
+    alpha = torch.zeros(num_steps + 1, len(prompts) - 1, max_num_words)
+    for word, bounds in cross_replace_steps.items():
+        start, end = (
+            int(bound * num_steps) for bound in replace_steps_bounds(bounds, f"cross_replace_steps[{word!r}]")
+        )
+        if word == "default_":  # always the first key, so words below override it
+            alpha[start:end] = 1
+            continue
+        word_inds = [get_word_inds(prompt, word, tokenizer) for prompt in prompts[1:]]
+        if not any(word_inds):
+            raise ValueError(
+                f"cross_replace_steps names the word {word!r}, which is not in the target prompt(s) "
+                f"{prompts[1:]}. Use a word of the target prompt, or 'default_' for all tokens."
+            )
+        for i, inds in enumerate(word_inds):
+            alpha[:, i, inds] = 0
+            alpha[start:end, i, inds] = 1
+    return alpha.reshape(num_steps + 1, len(prompts) - 1, 1, 1, max_num_words)
+
+
+def replace_steps_bounds(steps: float | tuple[float, float], name: str) -> tuple[float, float]:
+    """A replace-steps setting as a (start, end) pair of fractions of the denoising steps, checked."""
+    start, end = (0.0, steps) if isinstance(steps, (int, float)) else steps
+    if not 0 <= start <= end <= 1:
+        raise ValueError(
+            f"{name} must be a fraction of the steps in [0, 1] or a (start, end) pair with "
+            f"0 <= start <= end <= 1, got {steps!r}."
+        )
+    return float(start), float(end)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures.
+# ---------------------------------------------------------------------------------------------
+
+
+def text_under_image(
+    image: np.ndarray, text: str, text_color: tuple[int, int, int] = (0, 0, 0)
+) -> np.ndarray:
+    """The image with a white band below it holding `text`, centred (wrapped when long)."""
+    height, width = image.shape[:2]
+    font = ImageFont.load_default(size=max(8, width // 24))
+    canvas = Image.new("RGB", (width, height), "white")
+    lines = _wrap(text, font, width - 4, ImageDraw.Draw(canvas))
+    line_height = font.getbbox("Ag")[3] + 2
+    band = int(height * 0.2)
+    band = max(band, line_height * len(lines) + 4)
+    canvas = Image.new("RGB", (width, height + band), "white")
+    canvas.paste(Image.fromarray(image), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(lines):
+        draw.text((width // 2, height + 2 + k * line_height), line, fill=text_color, font=font, anchor="ma")
+    return np.asarray(canvas)
+
+
+def _wrap(text: str, font: ImageFont.ImageFont, max_width: int, draw: ImageDraw.ImageDraw) -> list[str]:
+    lines = [""]
+    for word in text.split(" "):
+        candidate = f"{lines[-1]} {word}".strip()
+        if draw.textlength(candidate, font=font) <= max_width or not lines[-1]:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines
+
+
+def view_images(
+    images: np.ndarray | list[np.ndarray],
+    num_rows: int = 1,
+    offset_ratio: float = 0.02,
+    save_path: str | Path | None = None,
+) -> Image.Image:
+    """Tile images (uint8, same size) into a grid on a white background; save it as a PNG if asked.
+
+    Works without a display: returns the PIL image (a notebook shows it when it is the cell's
+    last expression).
+    """
+    images = [np.asarray(image) for image in images]
+    num_empty = (-len(images)) % num_rows
+    images += [np.full_like(images[0], 255)] * num_empty
+    height, width = images[0].shape[:2]
+    offset = int(height * offset_ratio)
+    num_cols = len(images) // num_rows
+    grid = np.full(
+        (height * num_rows + offset * (num_rows - 1), width * num_cols + offset * (num_cols - 1), 3),
+        255,
+        np.uint8,
+    )
+    for k, image in enumerate(images):
+        row, col = divmod(k, num_cols)
+        top, left = row * (height + offset), col * (width + offset)
+        grid[top : top + height, left : left + width] = image
+    picture = Image.fromarray(grid)
+    if save_path is not None:
+        Path(save_path).parent.mkdir(parents=True, exist_ok=True)
+        picture.save(save_path)
+    return picture
+
+
+def aggregate_attention(
+    attention_store, prompts: list[str], res: int, from_where: list[str], is_cross: bool, select: int
+) -> torch.Tensor:
+    """Average attention maps of prompt `select` over heads, steps and the chosen layers at `res` x `res`.
+
+    `from_where` picks UNet places ("down", "mid", "up"). Returns (res, res, num_keys).
+    """
+    attention_maps = attention_store.get_average_attention()
+    kind = "cross" if is_cross else "self"
+    maps = [
+        item.reshape(len(prompts), -1, res, res, item.shape[-1])[select]
+        for place in from_where
+        for item in attention_maps[f"{place}_{kind}"]
+        if item.shape[1] == res**2
+    ]
+    if not maps:
+        stored = sorted({int(item.shape[1] ** 0.5) for items in attention_maps.values() for item in items})
+        raise ValueError(
+            f"No {kind}-attention maps at resolution {res} in {from_where}; stored resolutions: {stored}."
+        )
+    maps = torch.cat(maps)
+    return (maps.sum(0) / maps.shape[0]).cpu()
+
+
+def show_cross_attention(
+    attention_store,
+    prompts: list[str],
+    tokenizer: CLIPTokenizer,
+    res: int,
+    from_where: list[str],
+    select: int = 0,
+    image: np.ndarray | None = None,
+    save_path: str | Path | None = None,
+) -> Image.Image:
+    """One heat map per token of prompt `select`: where in the image each word looks.
+
+    With `image`, each map is laid over it; every tile carries its token underneath.
+    """
+    tokens = tokenizer.encode(prompts[select])
+    attention_maps = aggregate_attention(attention_store, prompts, res, from_where, True, select)
+    size = 256 if image is None else image.shape[0]
+    tiles = []
+    for position, token in enumerate(tokens):
+        heat = attention_maps[:, :, position]
+        heat = (255 * heat / heat.max().clamp(min=1e-12)).numpy().astype(np.uint8)
+        heat = np.asarray(Image.fromarray(heat).resize((size, size), Image.BILINEAR))
+        colored = (colormaps["jet"](heat)[..., :3] * 255).astype(np.uint8)
+        if image is not None:
+            colored = (0.5 * colored + 0.5 * np.asarray(Image.fromarray(image).resize((size, size)))).astype(
+                np.uint8
+            )
+        tiles.append(text_under_image(colored, tokenizer.decode([token])))
+    return view_images(tiles, save_path=save_path)

@@ -6,7 +6,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch  # noqa: E402
+
 import ptp_utils  # noqa: E402
+
+# The test models are tiny: thread start-up costs more than it saves, and with other jobs on a
+# 2-core machine extra threads oversubscribe the cores (20x slower in a measurement here).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

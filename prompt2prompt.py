@@ -1,0 +1,498 @@
+"""Prompt-to-Prompt image editing with cross-attention control (Hertz et al. 2022).
+
+The source prompt P and the target prompt P* are denoised together in one batch from the same
+initial noise x_T. At every step and layer, a controller sees the attention probabilities and
+may edit those of P* (for example, inject the cross-attention maps of P through a token
+mapper), so the edited image keeps the source's layout while the changed words change.
+
+    python prompt2prompt.py --source "photo of a cat riding on a bicycle." \
+                            --target "photo of a cat riding on a motorcycle."
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from transformers import PreTrainedTokenizerBase
+
+import ptp_utils
+import seq_aligner
+
+DEFAULT_MODEL_ID = "CompVis/stable-diffusion-v1-4"
+# Short names for pipelines that need no download.
+OFFLINE_MODELS = {"tiny": "a random-weight pipeline that proves the plumbing (32x32 noise pictures)"}
+NUM_DIFFUSION_STEPS = 50
+GUIDANCE_SCALE = 7.5
+SEED = 8888
+CROSS_REPLACE_STEPS = 0.8
+SELF_REPLACE_STEPS = 0.4
+SOURCE_PROMPT = "photo of a cat riding on a bicycle."
+TARGET_PROMPT = "photo of a cat riding on a motorcycle."
+# The paper stores and blends attention maps of at most 32x32 queries, and replaces
+# self-attention only in layers of at most 16x16 queries (the coarse layout).
+MAX_STORED_QUERIES = 32**2
+MAX_SELF_REPLACE_QUERIES = 16**2
+LOCAL_BLEND_THRESHOLD = 0.3
+
+
+def load_model(
+    model_id: str = DEFAULT_MODEL_ID,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> StableDiffusionPipeline:
+    """Load Stable Diffusion (the assignment's model): fp16 on CUDA, fp32 on CPU.
+
+    `model_id` is a hub id, a local pipeline folder, or a short name of an offline model
+    ("tiny"). The pipeline's safety checker is kept as the pipeline ships it.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    if model_id == "tiny":
+        model = ptp_utils.make_tiny_pipeline()
+        return model.to(device) if dtype == torch.float32 else model.to(device, dtype)
+    try:
+        model = StableDiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)
+    except OSError as error:
+        offline = ", ".join(f"'{name}' ({what})" for name, what in OFFLINE_MODELS.items())
+        raise OSError(
+            f"Could not load the model '{model_id}': {error}\n"
+            f"It downloads from the Hugging Face hub on first use, which needs internet (or a copy in the "
+            f"hub cache). Offline, pass a local pipeline folder or one of the offline models: {offline}."
+        ) from error
+    return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Controllers: a base that counts layers and steps, subclasses that store or edit attention.
+# ---------------------------------------------------------------------------------------------
+
+
+class AttentionControl(abc.ABC):
+    """Base controller: called by every attention layer, it counts layers and denoising steps.
+
+    Only the conditional half of the batch (the prompts, not the unconditional branch of
+    classifier-free guidance) is passed to `forward`.
+    """
+
+    def __init__(self):
+        self.num_att_layers = -1  # set by ptp_utils.register_attention_control
+        self.low_resource = False  # set by text2image_ldm
+        self.reset()
+
+    def reset(self) -> None:
+        self.cur_step = 0
+        self.cur_att_layer = 0
+
+    @property
+    def num_uncond_att_layers(self) -> int:
+        # In low-resource mode the unconditional branch is a UNet pass of its own, which comes first.
+        return self.num_att_layers if self.low_resource else 0
+
+    def step_callback(self, x_t: torch.Tensor) -> torch.Tensor:
+        return x_t
+
+    def between_steps(self) -> None:
+        pass
+
+    def needs_attention(self, is_cross: bool, place_in_unet: str, num_queries: int) -> bool:
+        """Whether the next layer must materialise its attention probabilities for `forward`."""
+        return self.cur_att_layer >= self.num_uncond_att_layers
+
+    @abc.abstractmethod
+    def forward(self, attn: torch.Tensor, is_cross: bool, place_in_unet: str) -> torch.Tensor:
+        """Read or edit the conditional attention probabilities, shape (prompts * heads, queries, keys)."""
+
+    def __call__(self, attn: torch.Tensor | None, is_cross: bool, place_in_unet: str) -> torch.Tensor | None:
+        """Called once per layer; `attn` is None when the layer ran fused because nothing needed it."""
+        if attn is not None:
+            if self.low_resource:
+                attn = self.forward(attn, is_cross, place_in_unet)
+            else:
+                half = attn.shape[0] // 2
+                attn[half:] = self.forward(attn[half:], is_cross, place_in_unet)
+        self.cur_att_layer += 1
+        if self.cur_att_layer == self.num_att_layers + self.num_uncond_att_layers:
+            self.cur_att_layer = 0
+            self.cur_step += 1
+            self.between_steps()
+        return attn
+
+
+class EmptyControl(AttentionControl):
+    """Plain generation: no layer materialises its attention."""
+
+    def needs_attention(self, is_cross: bool, place_in_unet: str, num_queries: int) -> bool:
+        return False
+
+    def forward(self, attn: torch.Tensor, is_cross: bool, place_in_unet: str) -> torch.Tensor:
+        return attn
+
+
+class AttentionStore(AttentionControl):
+    """Sum the attention maps (of at most 32x32 queries) over steps, per place and kind, for figures."""
+
+    def __init__(self):
+        super().__init__()
+        self.step_store = self.get_empty_store()
+        self.attention_store = {}
+
+    @staticmethod
+    def get_empty_store() -> dict[str, list[torch.Tensor]]:
+        return {f"{place}_{kind}": [] for place in ("down", "mid", "up") for kind in ("cross", "self")}
+
+    def reset(self) -> None:
+        super().reset()
+        self.step_store = self.get_empty_store()
+        self.attention_store = {}
+
+    def needs_attention(self, is_cross: bool, place_in_unet: str, num_queries: int) -> bool:
+        return (
+            super().needs_attention(is_cross, place_in_unet, num_queries)
+            and num_queries <= MAX_STORED_QUERIES
+        )
+
+    def forward(self, attn: torch.Tensor, is_cross: bool, place_in_unet: str) -> torch.Tensor:
+        if attn.shape[1] <= MAX_STORED_QUERIES:
+            self.step_store[f"{place_in_unet}_{'cross' if is_cross else 'self'}"].append(
+                attn.detach().clone()
+            )
+        return attn
+
+    def between_steps(self) -> None:
+        if not self.attention_store:
+            self.attention_store = self.step_store
+        else:
+            for key, maps in self.step_store.items():
+                for stored, new in zip(self.attention_store[key], maps):
+                    stored += new
+        self.step_store = self.get_empty_store()
+
+    def get_average_attention(self) -> dict[str, list[torch.Tensor]]:
+        return {key: [item / self.cur_step for item in maps] for key, maps in self.attention_store.items()}
+
+
+class LocalBlend:
+    """Keep the target's latents equal to the source's outside the region of the given words.
+
+    The region is where the words' cross-attention (summed over steps, averaged over layers and
+    heads, in source and target) exceeds `threshold` of its maximum.
+    """
+
+    def __init__(
+        self,
+        prompts: list[str],
+        words: list[str | list[str]],
+        tokenizer: PreTrainedTokenizerBase,
+        threshold: float = LOCAL_BLEND_THRESHOLD,
+    ):
+        self.alpha_layers = torch.zeros(len(prompts), 1, 1, 1, seq_aligner.MAX_NUM_WORDS)
+        for i, (prompt, prompt_words) in enumerate(zip(prompts, words)):
+            for word in [prompt_words] if isinstance(prompt_words, str) else prompt_words:
+                inds = seq_aligner.get_word_inds(prompt, word, tokenizer)
+                if not inds:
+                    raise ValueError(f"LocalBlend word {word!r} is not in the prompt {prompt!r}.")
+                self.alpha_layers[i, :, :, :, inds] = 1
+        self.threshold = threshold
+
+    def __call__(self, x_t: torch.Tensor, attention_store: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        maps = attention_store["down_cross"] + attention_store["mid_cross"] + attention_store["up_cross"]
+        masks = []
+        for item in maps:  # (prompts * heads, queries, words)
+            res = int(item.shape[1] ** 0.5)
+            item = item.reshape(len(self.alpha_layers), -1, res, res, item.shape[-1])
+            word_map = (item * self.alpha_layers.to(item.device)).sum(-1).mean(1, keepdim=True)
+            masks.append(F.interpolate(word_map, size=x_t.shape[2:], mode="bilinear"))
+        mask = torch.stack(masks).mean(0)
+        mask = F.max_pool2d(mask, kernel_size=3, stride=1, padding=1)
+        mask = mask / mask.amax(dim=(2, 3), keepdim=True).clamp(min=1e-12)
+        mask = mask.gt(self.threshold)
+        mask = (mask[:1] | mask[1:]).to(x_t.dtype)  # the edit region of the source or of the target
+        return torch.cat([x_t[:1], x_t[:1] + mask * (x_t[1:] - x_t[:1])])
+
+
+class AttentionControlEdit(AttentionStore, abc.ABC):
+    """Inject the source's attention into the targets: cross-attention through `replace_cross_attention`
+    for a share of the steps (per word if asked), self-attention (layers of <= 16x16 queries) for another.
+
+    Prompt 0 is the source; prompts 1.. are targets.
+    """
+
+    def __init__(
+        self,
+        prompts: list[str],
+        num_steps: int,
+        cross_replace_steps: float | tuple[float, float] | dict,
+        self_replace_steps: float | tuple[float, float],
+        local_blend: LocalBlend | None,
+        tokenizer: PreTrainedTokenizerBase,
+        device: str | torch.device | None = None,
+    ):
+        super().__init__()
+        if num_steps <= 0:
+            raise ValueError(f"num_steps must be a positive number of denoising steps, got {num_steps}.")
+        if len(prompts) < 2:
+            raise ValueError(
+                f"An edit needs a source prompt and at least one target prompt, got {prompts!r}."
+            )
+        if tokenizer is None:
+            raise ValueError("Pass the model's tokenizer, for example tokenizer=model.tokenizer.")
+        self.batch_size = len(prompts)
+        self.num_steps = num_steps
+        self.cross_replace_alpha = ptp_utils.get_time_words_attention_alpha(
+            prompts, num_steps, cross_replace_steps, tokenizer
+        ).to(device)
+        start, end = ptp_utils.replace_steps_bounds(self_replace_steps, "self_replace_steps")
+        self.num_self_replace = int(num_steps * start), int(num_steps * end)
+        self.local_blend = local_blend
+
+    def step_callback(self, x_t: torch.Tensor) -> torch.Tensor:
+        if self.local_blend is not None:
+            x_t = self.local_blend(x_t, self.attention_store)
+        return x_t
+
+    def replaces_cross_attention_now(self) -> bool:
+        return bool(self.cross_replace_alpha[self.cur_step].any())
+
+    def replaces_self_attention_now(self) -> bool:
+        return self.num_self_replace[0] <= self.cur_step < self.num_self_replace[1]
+
+    def needs_attention(self, is_cross: bool, place_in_unet: str, num_queries: int) -> bool:
+        if not AttentionControl.needs_attention(self, is_cross, place_in_unet, num_queries):
+            return False
+        if is_cross:
+            stores = self.local_blend is not None and num_queries <= MAX_STORED_QUERIES
+            return stores or self.replaces_cross_attention_now()
+        return self.replaces_self_attention_now() and num_queries <= MAX_SELF_REPLACE_QUERIES
+
+    def replace_self_attention(self, attn_base: torch.Tensor, att_replace: torch.Tensor) -> torch.Tensor:
+        if att_replace.shape[2] <= MAX_SELF_REPLACE_QUERIES:
+            return attn_base.unsqueeze(0).expand(att_replace.shape[0], *attn_base.shape)
+        return att_replace
+
+    @abc.abstractmethod
+    def replace_cross_attention(self, attn_base: torch.Tensor, att_replace: torch.Tensor) -> torch.Tensor:
+        """The targets' new cross-attention, from the source's (heads, queries, words)."""
+
+    def forward(self, attn: torch.Tensor, is_cross: bool, place_in_unet: str) -> torch.Tensor:
+        if self.local_blend is not None and is_cross:
+            super().forward(attn, is_cross, place_in_unet)
+        if (is_cross and self.replaces_cross_attention_now()) or (
+            not is_cross and self.replaces_self_attention_now()
+        ):
+            attn = attn.reshape(self.batch_size, -1, *attn.shape[1:])
+            attn_base, attn_replace = attn[0], attn[1:]
+            if is_cross:
+                alpha_words = self.cross_replace_alpha[self.cur_step].to(attn.dtype)
+                attn_replace_new = (
+                    self.replace_cross_attention(attn_base, attn_replace) * alpha_words
+                    + (1 - alpha_words) * attn_replace
+                )
+            else:
+                attn_replace_new = self.replace_self_attention(attn_base, attn_replace)
+            attn = torch.cat([attn_base[None], attn_replace_new]).flatten(0, 1)
+        return attn
+
+
+class AttentionReplace(AttentionControlEdit):
+    """Word swap: each target token attends where its source tokens did, through the token mapper."""
+
+    def __init__(
+        self,
+        prompts: list[str],
+        num_steps: int,
+        cross_replace_steps: float | tuple[float, float] | dict,
+        self_replace_steps: float | tuple[float, float],
+        local_blend: LocalBlend | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        device: str | torch.device | None = None,
+    ):
+        super().__init__(
+            prompts, num_steps, cross_replace_steps, self_replace_steps, local_blend, tokenizer, device
+        )
+        self.mapper = seq_aligner.get_replacement_mapper(prompts, tokenizer).to(device)
+
+    def replace_cross_attention(self, attn_base: torch.Tensor, att_replace: torch.Tensor) -> torch.Tensor:
+        # target[b, h, p, j] = sum_i source[h, p, i] * mapper[b, i, j]
+        return torch.einsum("hpi,bij->bhpj", attn_base, self.mapper.to(attn_base.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation.
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_text(model: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """CLIP text embeddings (len(prompts), 77, dim); a prompt longer than 77 tokens is an error."""
+    tokenizer = model.tokenizer
+    for prompt in prompts:
+        num_tokens = len(tokenizer(prompt).input_ids)
+        if num_tokens > tokenizer.model_max_length:
+            raise ValueError(
+                f"The prompt {prompt!r} has {num_tokens} tokens, more than the {tokenizer.model_max_length} "
+                f"that the text encoder reads (start and end tokens included). Shorten it."
+            )
+    input_ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return model.text_encoder(input_ids.to(model.device))[0]
+
+
+@torch.no_grad()
+def text2image_ldm(
+    model: StableDiffusionPipeline,
+    prompt: list[str],
+    controller: AttentionControl,
+    num_inference_steps: int = NUM_DIFFUSION_STEPS,
+    guidance_scale: float = GUIDANCE_SCALE,
+    generator: torch.Generator | None = None,
+    latent: torch.Tensor | None = None,
+    negative_prompt: str | list[str] | None = None,
+    low_resource: bool = False,
+    height: int | None = None,
+    width: int | None = None,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Generate one image per prompt from one shared x_T, with `controller` on every attention layer.
+
+    The manual denoising loop of the assignment, with whichever diffusers scheduler the pipeline
+    carries. A negative prompt replaces the empty prompt of the unconditional branch. Returns
+    (uint8 images of shape (B, H, W, 3), x_T).
+    """
+    prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+    if num_inference_steps <= 0:
+        raise ValueError(
+            f"num_inference_steps must be a positive number of steps, got {num_inference_steps}."
+        )
+    if getattr(controller, "num_steps", num_inference_steps) != num_inference_steps:
+        raise ValueError(
+            f"The controller was built for {controller.num_steps} steps but num_inference_steps is "
+            f"{num_inference_steps}: build it with num_steps={num_inference_steps}."
+        )
+    if getattr(controller, "batch_size", len(prompt)) != len(prompt):
+        raise ValueError(f"The controller was built for {controller.batch_size} prompts, got {len(prompt)}.")
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        negative_prompt = [negative_prompt or ""] * len(prompt)
+    height = height or model.unet.config.sample_size * model.vae_scale_factor
+    width = width or model.unet.config.sample_size * model.vae_scale_factor
+
+    context = torch.cat([encode_text(model, negative_prompt), encode_text(model, prompt)])
+    latent, latents = ptp_utils.init_latent(latent, model, height, width, generator, len(prompt))
+    model.scheduler.set_timesteps(num_inference_steps, device=model.device)
+    latents = latents * model.scheduler.init_noise_sigma
+    controller.reset()
+    controller.low_resource = low_resource
+    with ptp_utils.register_attention_control(model, controller):
+        for t in model.progress_bar(model.scheduler.timesteps):
+            latents = ptp_utils.diffusion_step(
+                model, controller, latents, context, t, guidance_scale, low_resource, generator
+            )
+    images = ptp_utils.latent2image(model.vae, latents)
+    if model.safety_checker is not None:
+        checked, _ = model.run_safety_checker(images / 255.0, model.device, context.dtype)
+        images = (checked * 255).round().astype(np.uint8)
+    return images, latent
+
+
+def run_and_display(
+    model: StableDiffusionPipeline,
+    prompts: list[str],
+    controller: AttentionControl,
+    latent: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    num_inference_steps: int = NUM_DIFFUSION_STEPS,
+    guidance_scale: float = GUIDANCE_SCALE,
+    save_path: str | Path | None = None,
+    low_resource: bool = False,
+):
+    """Generate and show the images side by side, each prompt written under its image."""
+    images, x_t = text2image_ldm(
+        model,
+        prompts,
+        controller,
+        num_inference_steps,
+        guidance_scale,
+        generator,
+        latent,
+        low_resource=low_resource,
+    )
+    captioned = [ptp_utils.text_under_image(image, prompt) for image, prompt in zip(images, prompts)]
+    return ptp_utils.view_images(captioned, save_path=save_path), images, x_t
+
+
+def parse_steps(value: str) -> float | tuple[float, float]:
+    """A replace-steps argument: "0.8" or "0.2,0.8"."""
+    numbers = tuple(float(v) for v in value.split(","))
+    return numbers[0] if len(numbers) == 1 else numbers
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Prompt-to-Prompt word swap: generate the source and the edited image side by side."
+    )
+    parser.add_argument("--source", default=SOURCE_PROMPT, help="source prompt")
+    parser.add_argument("--target", default=TARGET_PROMPT, help="target prompt (same number of words)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_ID,
+        help=f"hub id or local pipeline folder, or offline: {', '.join(OFFLINE_MODELS)}",
+    )
+    parser.add_argument("--steps", type=int, default=NUM_DIFFUSION_STEPS, help="denoising steps")
+    parser.add_argument(
+        "--guidance", type=float, default=GUIDANCE_SCALE, help="classifier-free guidance scale"
+    )
+    parser.add_argument("--seed", type=int, default=SEED, help="seed of the shared initial noise x_T")
+    parser.add_argument(
+        "--cross-replace-steps", type=parse_steps, default=CROSS_REPLACE_STEPS, help='fraction or "start,end"'
+    )
+    parser.add_argument(
+        "--self-replace-steps", type=parse_steps, default=SELF_REPLACE_STEPS, help='fraction or "start,end"'
+    )
+    parser.add_argument("--out", default="outputs/p2p_edit.png", help="PNG to write")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument(
+        "--dtype", choices=["float16", "bfloat16", "float32"], default=None, help="default: fp16 on CUDA"
+    )
+    parser.add_argument(
+        "--low-resource", action="store_true", help="run the two guidance branches one at a time"
+    )
+    args = parser.parse_args(argv)
+
+    try:
+        model = load_model(args.model, args.device, args.dtype and getattr(torch, args.dtype))
+        prompts = [args.source, args.target]
+        controller = AttentionReplace(
+            prompts,
+            args.steps,
+            cross_replace_steps=args.cross_replace_steps,
+            self_replace_steps=args.self_replace_steps,
+            tokenizer=model.tokenizer,
+            device=model.device,
+        )
+        generator = torch.Generator().manual_seed(args.seed)
+        run_and_display(
+            model,
+            prompts,
+            controller,
+            generator=generator,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            save_path=args.out,
+            low_resource=args.low_resource,
+        )
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

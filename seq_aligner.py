@@ -1,0 +1,118 @@
+"""Token alignment between a source and a target prompt, for Prompt-to-Prompt word swaps.
+
+A word swap changes some words of the prompt; the other words keep their places. The
+replacement mapper M tells, for every target token j, which source tokens i its
+cross-attention map is taken from: M[i, j] is the weight of source token i in target token j.
+"""
+
+from __future__ import annotations
+
+import argparse
+import string
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+MAX_NUM_WORDS = 77  # CLIP's context length: every cross-attention map has 77 columns.
+
+
+def _word_token_spans(text: str, tokenizer: PreTrainedTokenizerBase) -> list[range]:
+    """Token positions of each space-separated word, counting the BOS token at position 0.
+
+    CLIP's BPE never merges across a space, so tokenising the words one by one gives exactly the
+    tokens of the whole text.
+    """
+    spans, start = [], 1
+    for word in text.split(" "):
+        num_tokens = len(tokenizer.encode(word, add_special_tokens=False))
+        spans.append(range(start, start + num_tokens))
+        start += num_tokens
+    return spans
+
+
+def get_word_inds(text: str, word_place: int | str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token positions of a word in `text` (BOS counted, so the first word starts at 1).
+
+    `word_place` is the index of a space-separated word, or a word given as a string, in which
+    case every occurrence counts; punctuation attached to a word ("bicycle.") is not part of it.
+    """
+    spans = _word_token_spans(text, tokenizer)
+    if isinstance(word_place, int):
+        return list(spans[word_place])
+    word = word_place.lower()
+    num_word_tokens = len(tokenizer.encode(word, add_special_tokens=False))
+    return [
+        position
+        for text_word, span in zip(text.split(" "), spans)
+        if text_word.lower().strip(string.punctuation) == word or text_word.lower() == word
+        for position in span[:num_word_tokens]
+    ]
+
+
+def get_replacement_mapper_(
+    x: str, y: str, tokenizer: PreTrainedTokenizerBase, max_len: int = MAX_NUM_WORDS
+) -> torch.Tensor:
+    """The (max_len, max_len) mapper from source prompt `x` to target prompt `y` (a word swap).
+
+    Words that differ are replaced: a word of n source tokens and m target tokens fills its n x m
+    block with the identity when n == m and with 1/max(n, m) everywhere otherwise. Every other
+    token, padding included, maps one to one, shifted by what earlier replacements added.
+    """
+    words_x, words_y = x.split(" "), y.split(" ")
+    if len(words_x) != len(words_y):
+        raise ValueError(
+            f"A word swap needs prompts with the same number of words, but the source has "
+            f"{len(words_x)} and the target {len(words_y)}: {x!r} -> {y!r}. Change whole words only, "
+            f"and write a multi-word replacement as one word joined by '-' or as several swaps."
+        )
+    spans_x, spans_y = _word_token_spans(x, tokenizer), _word_token_spans(y, tokenizer)
+    mapper = torch.zeros(max_len, max_len)
+    i = j = 0  # next source and target token to map
+    for word_x, word_y, span_x, span_y in zip(words_x, words_y, spans_x, spans_y):
+        if word_x == word_y:
+            continue
+        while i < span_x.start:  # the unchanged tokens before this replacement
+            mapper[i, j] = 1
+            i, j = i + 1, j + 1
+        rows, cols = torch.tensor(span_x), torch.tensor(span_y)
+        if len(span_x) == len(span_y):
+            mapper[rows, cols] = 1
+        else:
+            mapper[rows[:, None], cols[None, :]] = 1 / max(len(span_x), len(span_y))
+        i, j = span_x.stop, span_y.stop
+    while i < max_len and j < max_len:  # the rest of the prompt and the padding
+        mapper[i, j] = 1
+        i, j = i + 1, j + 1
+    return mapper
+
+
+def get_replacement_mapper(
+    prompts: list[str], tokenizer: PreTrainedTokenizerBase, max_len: int = MAX_NUM_WORDS
+) -> torch.Tensor:
+    """Mappers from the first prompt to each later one, stacked to (len(prompts) - 1, max_len, max_len)."""
+    return torch.stack(
+        [get_replacement_mapper_(prompts[0], target, tokenizer, max_len) for target in prompts[1:]]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Print the token mapping of a Prompt-to-Prompt word swap.")
+    parser.add_argument("source", nargs="?", default="A lion eating", help="source prompt")
+    parser.add_argument("target", nargs="?", default="A hippopotamus eating", help="target prompt")
+    args = parser.parse_args()
+
+    from ptp_utils import offline_clip_tokenizer
+
+    tokenizer = offline_clip_tokenizer()
+    mapper = get_replacement_mapper_(args.source, args.target, tokenizer)
+    source_tokens = tokenizer.convert_ids_to_tokens(tokenizer.encode(args.source))
+    target_tokens = tokenizer.convert_ids_to_tokens(tokenizer.encode(args.target))
+    for j, target_token in enumerate(target_tokens):
+        sources = [
+            f"{source_tokens[i]}:{mapper[i, j]:.2f}" for i in mapper[:, j].nonzero().flatten().tolist()
+        ]
+        print(f"{j:2d} {target_token:>16} <- {', '.join(sources)}")
+
+
+if __name__ == "__main__":
+    main()
