@@ -1,0 +1,250 @@
+"""Textual inversion on the tiny random-weight pipeline: invariants, file format, resume, bad input."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from PIL import Image
+from safetensors.torch import load_file
+
+import ptp_utils
+import textual_inversion as ti
+
+TOKEN = "<thing>"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process; each test starts from none."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(["a.png", "b.JPG", "c.webp"]):
+        pixels = rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+    return folder
+
+
+def make_config(folder, output_dir, **overrides):
+    settings = dict(
+        target_folder=str(folder),
+        placeholder_tokens=[TOKEN],
+        initializer_token="ball",
+        learning_rate=5e-2,
+        num_inversion_steps=3,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        show_every=0,
+        checkpoint_every=0,
+        num_sampling_steps=3,
+        output_dir=str(output_dir),
+        resolution=32,
+    )
+    return ti.TextualInversionConfig(**{**settings, **overrides})
+
+
+def embedding_weight(wrapper):
+    return wrapper.text_encoder.get_input_embeddings().weight
+
+
+def test_dataset_reads_every_image_kind_and_center_crops(tmp_path, image_folder):
+    # A 96x32 image black | white | black: the shorter side is already 32, the centre crop is all white.
+    pixels = np.zeros((32, 96, 3), dtype=np.uint8)
+    pixels[:, 32:64] = 255
+    Image.fromarray(pixels).save(image_folder / "d.jpeg")
+    (image_folder / "notes.txt").write_text("not an image")
+
+    dataset = ti.UnlabeledImageFolderDataset(image_folder, None, ti.center_crop_transform(32))
+
+    assert len(dataset) == 4
+    assert all(dataset[i].shape == (3, 32, 32) for i in range(4))
+    assert torch.equal(dataset[3], torch.ones(3, 32, 32))
+    assert len(ti.UnlabeledImageFolderDataset(image_folder, 2, ti.center_crop_transform(32))) == 2
+
+
+def test_unreadable_files_are_skipped_with_a_warning(image_folder):
+    (image_folder / "broken.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="Skipping unreadable image .*broken.png"):
+        dataset = ti.UnlabeledImageFolderDataset(image_folder)
+    assert len(dataset) == 3
+
+
+def test_a_folder_of_unreadable_files_is_an_error(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"junk")
+    with (
+        pytest.warns(UserWarning, match="Skipping"),
+        pytest.raises(ValueError, match="None of the 1 image files"),
+    ):
+        ti.UnlabeledImageFolderDataset(tmp_path)
+
+
+def test_a_missing_or_empty_folder_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ti.UnlabeledImageFolderDataset(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="No images in"):
+        ti.UnlabeledImageFolderDataset(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(placeholder_tokens=["dog"]), "already in the tokenizer's vocabulary"),
+        (dict(initializer_token="red ball"), "is 2 tokens"),
+        (dict(resolution=33), "not a multiple of the VAE's downsampling factor 2"),
+        (dict(placeholder_tokens=[TOKEN, "<other>"]), "diffusers' names"),
+        (dict(placeholder_tokens=["<Thing>"]), "lowercases"),
+        (dict(resume_from="latest"), "No checkpoint"),
+        (dict(target_folder="/nonexistent/folder"), "does not exist"),
+    ],
+)
+def test_bad_settings_fail_before_touching_the_pipeline(
+    tiny_pipe, tmp_path, image_folder, overrides, message
+):
+    wrapper = ti.StableDiffusionWrapper(tiny_pipe)
+    weight_before = embedding_weight(wrapper).detach().clone()
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        ti.textual_inversion(wrapper, make_config(image_folder, tmp_path / "out", **overrides))
+    assert len(wrapper.tokenizer) == len(weight_before)
+    assert torch.equal(embedding_weight(wrapper), weight_before)
+
+
+def test_loss_goes_down_on_a_fixed_batch(tiny_pipe, tmp_path, image_folder):
+    wrapper = ti.StableDiffusionWrapper(tiny_pipe)
+    config = make_config(image_folder, tmp_path, learning_rate=1e-1)
+    optimizer = ti.prepare_for_textual_inversion(wrapper, config)
+    images = torch.stack(list(ti.UnlabeledImageFolderDataset(image_folder, 2, ti.center_crop_transform(32))))
+    torch.manual_seed(0)
+    latents = wrapper.encode_image_to_latents(images)
+    timesteps = torch.tensor([100, 700])
+
+    def fixed_batch_loss():
+        torch.manual_seed(1)  # the same noise every time
+        embeddings = wrapper.encode_prompt([f"a photo of a {TOKEN}"] * 2)
+        return ti.compute_standard_diffusion_loss(wrapper, latents, timesteps, embeddings)
+
+    losses = []
+    for _ in range(15):
+        loss = fixed_batch_loss()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert fixed_batch_loss().item() < 0.98 * losses[0], losses
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_only_placeholder_rows_change(tiny_pipe, tmp_path, image_folder, mixed_precision):
+    wrapper = ti.StableDiffusionWrapper(tiny_pipe)
+    modules = {"unet": wrapper.unet, "vae": wrapper.vae, "text_encoder": wrapper.text_encoder}
+
+    def parameters():
+        embedding = embedding_weight(wrapper)
+        named = (m.named_parameters(prefix=key) for key, m in modules.items())
+        return {name: p for group in named for name, p in group if p is not embedding}
+
+    frozen = {name: p.detach().clone() for name, p in parameters().items()}
+    rows_before = embedding_weight(wrapper).detach().clone()
+    tokens = ti.multi_vector_tokens(TOKEN, 2)
+    config = make_config(image_folder, tmp_path, placeholder_tokens=tokens, mixed_precision=mixed_precision)
+    ti.textual_inversion(wrapper, config)
+
+    weight = embedding_weight(wrapper)
+    assert weight.dtype == torch.float32
+    assert torch.equal(weight[: len(rows_before)], rows_before)
+    initializer_row = weight[wrapper.tokenizer.convert_tokens_to_ids("ball</w>")]
+    assert all(not torch.equal(row, initializer_row) for row in weight[len(rows_before) :])
+    half = mixed_precision == "bf16"
+    assert wrapper.unet.dtype == wrapper.vae.dtype == (torch.bfloat16 if half else torch.float32)
+    after = parameters()
+    assert after.keys() == frozen.keys()
+    for name, p in after.items():
+        assert torch.equal(p, frozen[name].to(p.dtype)), name
+    assert len(wrapper([f"a photo of {TOKEN}"], num_inference_steps=2)) == 1
+
+
+@pytest.mark.parametrize("num_vectors", [1, 3])
+def test_saved_embeddings_reproduce_the_wrapper_in_a_stock_pipeline(
+    tiny_pipe, tmp_path, image_folder, num_vectors
+):
+    wrapper = ti.StableDiffusionWrapper(tiny_pipe)
+    tokens = ti.multi_vector_tokens(TOKEN, num_vectors)
+    ti.textual_inversion(wrapper, make_config(image_folder, tmp_path, placeholder_tokens=tokens))
+
+    saved = load_file(tmp_path / ti.EMBEDS_FILE)
+    learned = embedding_weight(wrapper)[wrapper.tokenizer.convert_tokens_to_ids(tokens)]
+    assert list(saved) == [TOKEN]
+    assert torch.equal(saved[TOKEN], learned)
+
+    prompt = f"a photo of {TOKEN} on a table"
+    ours = wrapper([prompt], generator=torch.Generator().manual_seed(3), num_inference_steps=3)
+    stock = ptp_utils.make_tiny_pipeline(seed=0)
+    stock.load_textual_inversion(tmp_path / ti.EMBEDS_FILE)
+    theirs = stock(prompt, generator=torch.Generator().manual_seed(3), num_inference_steps=3).images
+    reloaded = ti.StableDiffusionWrapper(ptp_utils.make_tiny_pipeline(seed=0))
+    reloaded.load_textual_inversion(tmp_path / ti.EMBEDS_FILE)
+    again = reloaded([prompt], generator=torch.Generator().manual_seed(3), num_inference_steps=3)
+    untrained = ptp_utils.make_tiny_pipeline(seed=0)(
+        prompt, generator=torch.Generator().manual_seed(3), num_inference_steps=3
+    ).images
+
+    assert np.array_equal(np.asarray(ours[0]), np.asarray(theirs[0]))
+    assert np.array_equal(np.asarray(ours[0]), np.asarray(again[0]))
+    assert not np.array_equal(np.asarray(ours[0]), np.asarray(untrained[0]))
+
+
+def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, image_folder):
+    def run(output_dir, steps, resume_from=None):
+        wrapper = ti.StableDiffusionWrapper(ptp_utils.make_tiny_pipeline(seed=0))
+        config = make_config(
+            image_folder, output_dir, num_inversion_steps=steps, checkpoint_every=2, resume_from=resume_from
+        )
+        ti.textual_inversion(wrapper, config)
+        return embedding_weight(wrapper)[-1].detach().clone()
+
+    uninterrupted = run(tmp_path / "straight", 5)
+    interrupted = run(tmp_path / "resumed", 3)  # stops after step 3; the last checkpoint is step 2
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step_000002"]
+    resumed = run(tmp_path / "resumed", 5, resume_from="latest")
+
+    assert not torch.equal(interrupted, uninterrupted)
+    assert torch.equal(resumed, uninterrupted)
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == [
+        "step_000002",
+        "step_000004",
+    ]
+
+
+def test_validation_sampling_writes_a_grid(tiny_pipe, tmp_path):
+    wrapper = ti.StableDiffusionWrapper(tiny_pipe)
+    config = make_config(tmp_path, tmp_path, placeholder_tokens=["<x>"], num_sampling_steps=2)
+    images = ti.validation_sampling(wrapper, config, step=7)
+    grid = Image.open(tmp_path / "samples" / "step_000007.png")
+    assert len(images) == ti.NUM_VALIDATION_IMAGES
+    assert grid.size == (32 * ti.NUM_VALIDATION_IMAGES, 32)
+    assert ti.show_images(images).size == grid.size
+
+
+def test_command_line_trains_the_tiny_pipeline(tmp_path, image_folder, monkeypatch):
+    output_dir = tmp_path / "out"
+    argv = ["textual_inversion.py", "--images", str(image_folder), "--token", TOKEN, "--init", "ball"]
+    argv += ["--model", "tiny", "--steps", "2", "--grad-accum", "1", "--num-vectors", "2"]
+    argv += ["--output-dir", str(output_dir), "--show-every", "0", "--sampling-steps", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    ti.main()
+    assert load_file(output_dir / ti.EMBEDS_FILE)[TOKEN].shape == (2, 32)
+    assert Image.open(output_dir / "samples" / "step_000002.png").size == (32 * ti.NUM_VALIDATION_IMAGES, 32)
+
+
+def test_an_unreachable_model_says_how_to_work_offline():
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE=1.*--model tiny"):
+        ti.load_pipeline("nobody/no-such-model")

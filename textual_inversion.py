@@ -1,0 +1,613 @@
+"""Textual inversion (Gal et al. 2022): teach a frozen Stable Diffusion a new word from a few images.
+
+Only the new token's row(s) of the text encoder's input-embedding matrix are optimised, with the
+standard denoising loss; every other weight, and every other row, stays bit-identical. Training
+runs through HuggingFace accelerate (mixed precision, gradient accumulation, several GPUs with
+`accelerate launch textual_inversion.py ...`), checkpoints and resumes, and saves
+`learned_embeds.safetensors` in the format `StableDiffusionPipeline.load_textual_inversion` reads.
+
+    python textual_inversion.py --images data/pokeball --token "<pokeball>" --init ball
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils import make_image_grid
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+TINY_MODEL = "tiny"
+EMBEDS_FILE = "learned_embeds.safetensors"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# diffusers' training-script defaults for SD 1.x (there with --scale_lr off).
+LEARNING_RATE = 5e-4
+NUM_INVERSION_STEPS = 3000
+BATCH_SIZE = 1
+GRADIENT_ACCUMULATION_STEPS = 4
+RESOLUTION = 512
+# AdamW's decay pulls every row towards zero, gradient or not: the reason frozen rows are restored.
+WEIGHT_DECAY = 1e-2
+SHOW_EVERY = 500
+CHECKPOINT_EVERY = 500
+CHECKPOINTS_KEPT = 2
+VALIDATION_PROMPT = "a photo of {}"
+NUM_VALIDATION_IMAGES = 4
+NUM_SAMPLING_STEPS = 50
+GUIDANCE_SCALE = 7.5
+
+# The prompt templates of the original implementation (and of diffusers' training script).
+OBJECT_TEMPLATES = [
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+]
+STYLE_TEMPLATES = [
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a good painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+]
+
+
+@dataclass
+class TextualInversionConfig:
+    """Everything a textual-inversion run needs (assignment part 1: the set-up).
+
+    Several `placeholder_tokens` learn several vectors for one concept; they follow diffusers'
+    naming (see `multi_vector_tokens`), and prompts name the concept by the first one only.
+    """
+
+    target_folder: str
+    placeholder_tokens: list[str]
+    initializer_token: str
+    max_num_target_images: int | None = None
+    prompt_templates: list[str] = field(default_factory=lambda: list(OBJECT_TEMPLATES))
+    learning_rate: float = LEARNING_RATE
+    num_inversion_steps: int = NUM_INVERSION_STEPS
+    batch_size: int = BATCH_SIZE
+    gradient_accumulation_steps: int = GRADIENT_ACCUMULATION_STEPS
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16", as accelerate names them
+    show_every: int = SHOW_EVERY  # validation images every N steps; 0 for none
+    checkpoint_every: int = CHECKPOINT_EVERY
+    resume_from: str | None = None  # a checkpoint folder, or "latest" in output_dir/checkpoints
+    num_sampling_steps: int = NUM_SAMPLING_STEPS  # of the validation images
+    seed: int = 0
+    output_dir: str = "outputs/textual_inversion"
+    resolution: int = RESOLUTION
+
+
+def multi_vector_tokens(token: str, num_vectors: int) -> list[str]:
+    """The token names of a concept learned as `num_vectors` vectors: diffusers' convention.
+
+    `load_textual_inversion` stores a (num_vectors, dim) embedding under `token` as the tokens
+    `token, token_1, ..., token_{n-1}`, and the pipeline expands `token` in a prompt into all of them.
+    """
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+class StableDiffusionWrapper:
+    """A Stable Diffusion pipeline opened up into the pieces textual inversion needs (part 2)."""
+
+    def __init__(self, pipe: StableDiffusionPipeline):
+        self.pipe = pipe
+        self.tokenizer = pipe.tokenizer
+        self.text_encoder = pipe.text_encoder
+        self.vae = pipe.vae
+        self.unet = pipe.unet
+        # Training adds noise with the DDPM forward process of the model's own schedule; the
+        # pipeline keeps its sampler for generation.
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def encode_prompt(self, prompt: list[str], text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
+        """Prompts -> CLIP hidden states (batch, 77, dim), exactly as the pipeline encodes them.
+
+        `text_encoder` is the accelerate-prepared one during training (under DDP its own forward
+        is what synchronises the gradients).
+        """
+        # Expands a multi-vector placeholder `<t>` into `<t> <t>_1 ...`, as the pipeline does.
+        prompt = self.pipe.maybe_convert_prompt(prompt, self.tokenizer)
+        ids = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        text_encoder = text_encoder or self.text_encoder
+        return text_encoder(ids.to(self.text_encoder.device))[0]
+
+    @torch.no_grad()
+    def encode_image_to_latents(self, image: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (batch, 3, H, W) -> one posterior sample of the VAE latents, scaled."""
+        posterior = self.vae.encode(image.to(self.device, self.vae.dtype)).latent_dist
+        return posterior.sample() * self.vae.config.scaling_factor
+
+    def predict_noise(
+        self, timestep_idx: torch.Tensor, noisy_latents: torch.Tensor, embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's output at training timesteps `timestep_idx` (0 ... num_train_timesteps - 1).
+
+        Inputs are cast to the UNet's dtype: under mixed precision the frozen UNet is half
+        precision while the text encoder, whose embeddings are trained, stays fp32.
+        """
+        dtype = self.unet.dtype
+        return self.unet(
+            noisy_latents.to(dtype), timestep_idx, encoder_hidden_states=embeddings.to(dtype)
+        ).sample
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: list[str],
+        generator: torch.Generator | None = None,
+        num_inference_steps: int = NUM_SAMPLING_STEPS,
+        guidance_scale: float = GUIDANCE_SCALE,
+    ) -> list[Image.Image]:
+        """Generate one image per prompt with the pipeline's sampler and classifier-free guidance."""
+        # After mixed-precision training the UNet and VAE are half precision and the text encoder
+        # fp32, while the pipeline casts everything to the text encoder's dtype: autocast reconciles them.
+        half = self.unet.dtype if self.unet.dtype != self.text_encoder.dtype else None
+        with torch.autocast(self.device.type, dtype=half, enabled=half is not None):
+            return self.pipe(
+                prompt_embeds=self.encode_prompt(prompts),
+                negative_prompt_embeds=self.encode_prompt([""] * len(prompts)),
+                generator=generator,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+            ).images
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> None:
+        """Load a `learned_embeds.safetensors` (ours or any diffusers one) into the pipeline."""
+        self.pipe.load_textual_inversion(str(path), token=token)
+
+
+def center_crop_transform(resolution: int) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> (3, resolution, resolution) tensor in [-1, 1]: shorter side resized, centre cropped."""
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        scale = resolution / min(image.size)
+        width, height = (
+            max(resolution, round(image.width * scale)),
+            max(resolution, round(image.height * scale)),
+        )
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+        pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(pixels).permute(2, 0, 1)
+
+    return transform
+
+
+class UnlabeledImageFolderDataset(torch.utils.data.Dataset):
+    """The few images of the concept (part 3): every jpg/png/webp of a folder, as RGB tensors.
+
+    Files are read once, here: an unreadable one is skipped with a warning, and the folder must
+    leave at least one image.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        max_num_images: int | None = None,
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    ):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"Image folder {folder} does not exist: give a folder of 3-10 pictures of your concept."
+            )
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise ValueError(
+                f"No images in {folder}: add 3-10 pictures of your concept ({', '.join(IMAGE_EXTENSIONS)})."
+            )
+        self.images = []
+        for path in paths:
+            if max_num_images is not None and len(self.images) == max_num_images:
+                break
+            try:
+                with Image.open(path) as image:
+                    self.images.append(image.convert("RGB"))
+            except OSError as error:
+                warnings.warn(f"Skipping unreadable image {path}: {error}", stacklevel=2)
+        if not self.images:
+            raise ValueError(f"None of the {len(paths)} image files in {folder} could be read.")
+        self.transform = transform or center_crop_transform(RESOLUTION)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(self.images[index])
+
+
+def compute_standard_diffusion_loss(
+    wrapper: StableDiffusionWrapper,
+    latents: torch.Tensor,
+    timestep_idx: torch.Tensor | None,
+    embeddings: torch.Tensor,
+) -> torch.Tensor:
+    """The denoising loss (part 4): noise the latents at random timesteps, regress the noise.
+
+    `timestep_idx` None samples one uniform training timestep per latent. The target is the
+    noise, or the velocity for a v-prediction model (SD 2.x).
+    """
+    scheduler = wrapper.scheduler
+    if timestep_idx is None:
+        timestep_idx = torch.randint(scheduler.config.num_train_timesteps, (len(latents),))
+    timestep_idx = timestep_idx.to(latents.device)
+    noise = torch.randn_like(latents)
+    noisy_latents = scheduler.add_noise(latents, noise, timestep_idx)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timestep_idx)
+    else:
+        target = noise
+    prediction = wrapper.predict_noise(timestep_idx, noisy_latents, embeddings)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def check_placeholder_tokens(tokenizer, placeholder_tokens: list[str]) -> None:
+    """Reject placeholders that would clash with the vocabulary or break diffusers' multi-vector naming."""
+    if not placeholder_tokens:
+        raise ValueError("Give at least one placeholder token, e.g. ['<my-thing>'].")
+    expected = multi_vector_tokens(placeholder_tokens[0], len(placeholder_tokens))
+    if placeholder_tokens != expected:
+        raise ValueError(
+            f"Several vectors for one concept follow diffusers' names: {expected}, not {placeholder_tokens}; "
+            "use multi_vector_tokens(token, n)."
+        )
+    for token in placeholder_tokens:
+        if token != token.lower():
+            raise ValueError(f"CLIP's tokenizer lowercases prompts: use {token.lower()!r}, not {token!r}.")
+        # One existing token (a word like "dog", or a token added before) would change its meaning everywhere.
+        if len(tokenizer.tokenize(token)) == 1:
+            raise ValueError(
+                f"Placeholder {token!r} is already in the tokenizer's vocabulary: "
+                "pick a new string such as '<my-thing>'."
+            )
+
+
+def prepare_for_textual_inversion(
+    wrapper: StableDiffusionWrapper, config: TextualInversionConfig
+) -> torch.optim.Optimizer:
+    """Add the placeholder tokens, initialise their rows, freeze the rest; return the optimizer (part 5).
+
+    Everything is checked before the tokenizer or the text encoder is touched.
+    """
+    tokenizer, text_encoder = wrapper.tokenizer, wrapper.text_encoder
+    check_placeholder_tokens(tokenizer, config.placeholder_tokens)
+    initializer_ids = tokenizer.encode(config.initializer_token, add_special_tokens=False)
+    if len(initializer_ids) != 1:
+        raise ValueError(
+            f"The initializer {config.initializer_token!r} is {len(initializer_ids)} tokens "
+            f"{tokenizer.convert_ids_to_tokens(initializer_ids)}: choose a word that is a single token."
+        )
+
+    tokenizer.add_tokens(config.placeholder_tokens)
+    # The new rows are overwritten below, so transformers need not fit a distribution to start them.
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    # The trained rows stay fp32 whatever the precision of the rest: half-precision updates of
+    # size lr * 1e-3 would round away.
+    text_encoder.to(torch.float32)
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[tokenizer.convert_tokens_to_ids(config.placeholder_tokens)] = weight[
+            initializer_ids[0]
+        ].clone()
+
+    wrapper.unet.requires_grad_(False)
+    wrapper.vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    text_encoder.get_input_embeddings().requires_grad_(True)
+    return torch.optim.AdamW([weight], lr=config.learning_rate, weight_decay=WEIGHT_DECAY)
+
+
+def restore_frozen_rows(weight: torch.Tensor, original: torch.Tensor, is_placeholder: torch.Tensor) -> None:
+    """Put back every non-placeholder row of the embedding matrix: one masked copy, bit-exact."""
+    with torch.no_grad():
+        weight.copy_(torch.where(is_placeholder, weight, original))
+
+
+def save_learned_embeds(wrapper: StableDiffusionWrapper, placeholder_tokens: list[str], path: Path) -> None:
+    """Write the learned vectors as diffusers does: {first token: (num_vectors, dim) tensor}."""
+    ids = wrapper.tokenizer.convert_tokens_to_ids(placeholder_tokens)
+    vectors = wrapper.text_encoder.get_input_embeddings().weight[ids].detach().float().cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({placeholder_tokens[0]: vectors.contiguous()}, path)
+
+
+def show_images(images: list[Image.Image]) -> Image.Image:
+    """Lay images out in one row; displayed inline in a notebook, returned either way."""
+    grid = make_image_grid(images, rows=1, cols=len(images))
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        return grid
+    if get_ipython() is not None:
+        display(grid)
+    return grid
+
+
+def validation_sampling(
+    wrapper: StableDiffusionWrapper, config: TextualInversionConfig, step: int
+) -> list[Image.Image]:
+    """Images of the concept at `step`, from a fixed seed; the grid goes to output_dir/samples (part 6)."""
+    prompts = [VALIDATION_PROMPT.format(config.placeholder_tokens[0])] * NUM_VALIDATION_IMAGES
+    generator = torch.Generator().manual_seed(config.seed)
+    images = wrapper(prompts, generator=generator, num_inference_steps=config.num_sampling_steps)
+    path = Path(config.output_dir) / "samples" / f"step_{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, rows=1, cols=len(images)).save(path)
+    return images
+
+
+@dataclass
+class TrainingProgress:
+    """The optimizer-step count, saved with accelerate's checkpoints."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+
+def find_checkpoint(config: TextualInversionConfig) -> Path:
+    """The folder `config.resume_from` names; "latest" is the last one under output_dir/checkpoints."""
+    if config.resume_from != "latest":
+        path = Path(config.resume_from)
+        if not path.is_dir():
+            raise FileNotFoundError(f"No checkpoint folder {path} to resume from.")
+        return path
+    checkpoints = sorted((Path(config.output_dir) / "checkpoints").glob("step_*"))
+    if not checkpoints:
+        raise FileNotFoundError(
+            f"No checkpoint in {config.output_dir}/checkpoints to resume from: start without resume_from."
+        )
+    return checkpoints[-1]
+
+
+def save_checkpoint(
+    accelerator: Accelerator, wrapper: StableDiffusionWrapper, config: TextualInversionConfig, step: int
+):
+    """Embeddings, optimizer, step and RNG states (accelerate's save_state), plus the embeddings file."""
+    folder = Path(config.output_dir) / "checkpoints"
+    accelerator.save_state(folder / f"step_{step:06d}")
+    if accelerator.is_main_process:
+        save_learned_embeds(wrapper, config.placeholder_tokens, Path(config.output_dir) / EMBEDS_FILE)
+        for old in sorted(folder.glob("step_*"))[:-CHECKPOINTS_KEPT]:
+            shutil.rmtree(old)
+
+
+def textual_inversion(wrapper: StableDiffusionWrapper, config: TextualInversionConfig) -> None:
+    """Learn the placeholder embedding(s) from the images of `config.target_folder` (part 7).
+
+    Runs on as many processes as `accelerate launch` starts; the embeddings end up in the
+    wrapper's text encoder and in output_dir/learned_embeds.safetensors.
+    """
+    factor = wrapper.pipe.vae_scale_factor
+    if config.resolution % factor:
+        raise ValueError(
+            f"Resolution {config.resolution} is not a multiple of the VAE's downsampling factor {factor}: "
+            f"use e.g. {config.resolution // factor * factor}."
+        )
+    checkpoint = find_checkpoint(config) if config.resume_from else None
+    dataset = UnlabeledImageFolderDataset(
+        config.target_folder, config.max_num_target_images, center_crop_transform(config.resolution)
+    )
+    optimizer = prepare_for_textual_inversion(wrapper, config)
+
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+    )
+    set_seed(config.seed, device_specific=True)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    # The frozen networks run in the half precision of the mixed-precision setting, to save memory.
+    for model in (wrapper.unet, wrapper.vae):
+        model.to(accelerator.device)
+        if model.dtype != weight_dtype:
+            model.to(weight_dtype)
+    text_encoder, optimizer = accelerator.prepare(wrapper.text_encoder, optimizer)
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(progress)
+
+    weight = wrapper.text_encoder.get_input_embeddings().weight
+    is_placeholder = torch.zeros(len(weight), 1, dtype=torch.bool, device=weight.device)
+    is_placeholder[wrapper.tokenizer.convert_tokens_to_ids(config.placeholder_tokens)] = True
+    original = weight.detach().clone()
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+
+    # The images never change: encode them once, and draw a fresh posterior sample each step
+    # (what encoding them every step would give, without a VAE forward per step).
+    with torch.no_grad():
+        posterior_params = torch.cat(
+            [
+                wrapper.vae.encode(image[None].to(accelerator.device, weight_dtype)).latent_dist.parameters
+                for image in dataset
+            ]
+        )
+    templates, placeholder = config.prompt_templates, config.placeholder_tokens[0]
+
+    bar = tqdm(
+        range(progress.step, config.num_inversion_steps),
+        initial=progress.step,
+        total=config.num_inversion_steps,
+        disable=not accelerator.is_main_process,
+    )
+    for step in bar:
+        total_loss = 0.0
+        for _ in range(config.gradient_accumulation_steps):
+            with accelerator.accumulate(text_encoder):
+                picks = torch.randint(len(dataset), (config.batch_size,))
+                prompts = [
+                    templates[i].format(placeholder)
+                    for i in torch.randint(len(templates), (config.batch_size,))
+                ]
+                latents = DiagonalGaussianDistribution(posterior_params[picks]).sample()
+                latents = latents * wrapper.vae.config.scaling_factor
+                embeddings = wrapper.encode_prompt(prompts, text_encoder)
+                loss = compute_standard_diffusion_loss(wrapper, latents, None, embeddings)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+                total_loss += loss.detach()
+        restore_frozen_rows(weight, original, is_placeholder)
+        progress.step = step + 1
+        bar.set_postfix(loss=(total_loss / config.gradient_accumulation_steps).item())
+
+        if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
+            save_checkpoint(accelerator, wrapper, config, progress.step)
+        if accelerator.is_main_process and config.show_every and progress.step % config.show_every == 0:
+            validation_sampling(wrapper, config, progress.step)
+
+    # The prepared text encoder may carry an autocast forward; the pipeline gets the plain module back.
+    wrapper.text_encoder = wrapper.pipe.text_encoder = accelerator.unwrap_model(
+        text_encoder, keep_fp32_wrapper=False
+    )
+    if accelerator.is_main_process:
+        save_learned_embeds(wrapper, config.placeholder_tokens, Path(config.output_dir) / EMBEDS_FILE)
+
+
+def load_pipeline(model: str) -> StableDiffusionPipeline:
+    """SD weights from the Hub or a local folder, or `tiny`: random weights, to test the plumbing offline."""
+    if model == TINY_MODEL:
+        import ptp_utils
+
+        return ptp_utils.make_tiny_pipeline()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model, safety_checker=None, requires_safety_checker=False
+        )
+    except OSError as error:
+        raise OSError(
+            f"Could not load {model!r} ({error})\nWithout internet: download it once where there is "
+            f"(`huggingface-cli download {model}`) and copy ~/.cache/huggingface here, or pass the "
+            f"downloaded folder as --model PATH; then run with HF_HUB_OFFLINE=1. `--model {TINY_MODEL}` "
+            "trains a random-weight pipeline offline, to check the plumbing."
+        ) from error
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", required=True, help="folder with 3-10 images of the concept")
+    parser.add_argument("--token", required=True, help='the new word, e.g. "<my-thing>"')
+    parser.add_argument("--init", required=True, help="a one-token word to start from, e.g. ball")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"Hub id or folder, or {TINY_MODEL!r} (offline, random)"
+    )
+    parser.add_argument("--num-vectors", type=int, default=1, help="vectors learned for the concept")
+    parser.add_argument("--style", action="store_true", help="learn a style (style prompt templates)")
+    parser.add_argument("--steps", type=int, default=NUM_INVERSION_STEPS)
+    parser.add_argument("--lr", type=float, default=LEARNING_RATE)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--grad-accum", type=int, default=GRADIENT_ACCUMULATION_STEPS)
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--resolution", type=int, help="training resolution (default: the model's)")
+    parser.add_argument("--max-images", type=int)
+    parser.add_argument("--show-every", type=int, default=SHOW_EVERY)
+    parser.add_argument("--sampling-steps", type=int, default=NUM_SAMPLING_STEPS, help="of the sample images")
+    parser.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY)
+    parser.add_argument("--resume", help='checkpoint folder, or "latest"')
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="outputs/textual_inversion")
+    args = parser.parse_args()
+
+    pipe = load_pipeline(args.model)
+    config = TextualInversionConfig(
+        target_folder=args.images,
+        placeholder_tokens=multi_vector_tokens(args.token, args.num_vectors),
+        initializer_token=args.init,
+        max_num_target_images=args.max_images,
+        prompt_templates=list(STYLE_TEMPLATES if args.style else OBJECT_TEMPLATES),
+        learning_rate=args.lr,
+        num_inversion_steps=args.steps,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        mixed_precision=args.mixed_precision,
+        show_every=args.show_every,
+        checkpoint_every=args.checkpoint_every,
+        num_sampling_steps=args.sampling_steps,
+        resume_from=args.resume,
+        seed=args.seed,
+        output_dir=args.output_dir,
+        resolution=args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor,
+    )
+    wrapper = StableDiffusionWrapper(pipe)
+    textual_inversion(wrapper, config)
+    if PartialState().is_main_process:
+        if not (config.show_every and config.num_inversion_steps % config.show_every == 0):
+            validation_sampling(wrapper, config, config.num_inversion_steps)
+        output_dir = Path(config.output_dir)
+        print(f"Embeddings: {output_dir / EMBEDS_FILE}; sample grids: {output_dir / 'samples'}")
+
+
+if __name__ == "__main__":
+    main()
