@@ -33,13 +33,13 @@ def mnist():
 
 @pytest.fixture(scope="module")
 def trained(mnist, tmp_path_factory):
-    """A small VAE after 300 steps on 3,000 training images, with its history."""
+    """A small VAE after 300 steps on 2,000 training images, with its history and 300 test images."""
     train_images, test_images = mnist
-    config = vae_mnist.VAEConfig(hidden=(128,), epochs=10, batch_size=100, kl_warmup_epochs=1)
+    config = vae_mnist.VAEConfig(hidden=(64,), epochs=15, batch_size=100, kl_warmup_epochs=1)
     model, history, _ = vae_mnist.train(
-        config, train_images[:3000], test_images[:500], tmp_path_factory.mktemp("trained")
+        config, train_images[:2000], test_images[:300], tmp_path_factory.mktemp("trained")
     )
-    return model, history, vae_mnist.binarized_test_set(test_images[:500])
+    return model, history, vae_mnist.binarized_test_set(test_images[:300])
 
 
 def test_kl_equals_monte_carlo_estimate():
@@ -77,7 +77,7 @@ def test_kl_is_zero_at_the_prior():
 
 def test_training_lowers_the_loss(trained):
     _, history, _ = trained
-    assert len(history) == 10
+    assert len(history) == 15
     assert history[-1]["train_neg_elbo"] < history[0]["train_neg_elbo"] - 20
     assert history[-1]["test_neg_elbo"] < history[0]["test_neg_elbo"] - 15
 
@@ -85,11 +85,11 @@ def test_training_lowers_the_loss(trained):
 def test_importance_weighted_bound_is_above_the_elbo_and_tightens_with_k(trained):
     model, _, test_x = trained
     neg_elbo = vae_mnist.evaluate(model, test_x)["neg_elbo"]
-    nll = {k: vae_mnist.evaluate(model, test_x, iw_samples=k)["iw_nll"] for k in (1, 10, 200)}
+    nll = {k: vae_mnist.evaluate(model, test_x, iw_samples=k)["iw_nll"] for k in (1, 10, 100)}
     # K = 1 is the ELBO itself, up to the noise of one sample per image.
     assert nll[1] == pytest.approx(neg_elbo, abs=2.0)
-    assert nll[200] < nll[10] < nll[1] - 2
-    assert nll[200] < neg_elbo - 3
+    assert nll[100] < nll[10] < nll[1] - 2
+    assert nll[100] < neg_elbo - 3
 
 
 def test_importance_weighted_estimate_does_not_depend_on_chunking(trained, monkeypatch):
