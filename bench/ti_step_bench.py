@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import statistics
 import sys
 import tempfile
@@ -112,7 +113,13 @@ def time_training(base: StableDiffusionPipeline, args, folder: Path, steps: int)
         start = time.perf_counter()
         ti.textual_inversion(wrapper, config)
         synchronize()
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+    # accelerate's objects hold the run's models in reference cycles: free their GPU memory now.
+    del wrapper
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return seconds
 
 
 def time_per_step(base, args, folder) -> float:
@@ -165,7 +172,9 @@ def main() -> None:
     args.resolution = args.resolution or base.unet.config.sample_size * base.vae_scale_factor
     device = PartialState().device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    bare_unet = copy.deepcopy(base.unet).to(device, weight_dtype).requires_grad_(False)
+    bare_unet = copy.deepcopy(base.unet).to(device).requires_grad_(False)
+    if weight_dtype != torch.float32:  # as textual_inversion() casts the frozen UNet
+        bare_unet.to(weight_dtype)
     bare_shape = (
         args.batch_size,
         args.resolution // base.vae_scale_factor,

@@ -160,7 +160,7 @@ def test_only_placeholder_rows_change(tiny_pipe, tmp_path, image_folder, mixed_p
 
     weight = embedding_weight(wrapper)
     assert weight.dtype == torch.float32
-    assert torch.equal(weight[: len(rows_before)], rows_before)
+    assert torch.equal(weight[: len(rows_before)].cpu(), rows_before)
     initializer_row = weight[wrapper.tokenizer.convert_tokens_to_ids("ball</w>")]
     assert all(not torch.equal(row, initializer_row) for row in weight[len(rows_before) :])
     half = mixed_precision == "bf16"
@@ -168,7 +168,7 @@ def test_only_placeholder_rows_change(tiny_pipe, tmp_path, image_folder, mixed_p
     after = parameters()
     assert after.keys() == frozen.keys()
     for name, p in after.items():
-        assert torch.equal(p, frozen[name].to(p.dtype)), name
+        assert torch.equal(p.cpu(), frozen[name].to(p.dtype)), name
     assert len(wrapper([f"a photo of {TOKEN}"], num_inference_steps=2)) == 1
 
 
@@ -181,21 +181,24 @@ def test_saved_embeddings_reproduce_the_wrapper_in_a_stock_pipeline(
     ti.textual_inversion(wrapper, make_config(image_folder, tmp_path, placeholder_tokens=tokens))
 
     saved = load_file(tmp_path / ti.EMBEDS_FILE)
-    learned = embedding_weight(wrapper)[wrapper.tokenizer.convert_tokens_to_ids(tokens)]
+    learned = embedding_weight(wrapper)[wrapper.tokenizer.convert_tokens_to_ids(tokens)].cpu()
     assert list(saved) == [TOKEN]
     assert torch.equal(saved[TOKEN], learned)
 
     prompt = f"a photo of {TOKEN} on a table"
     ours = wrapper([prompt], generator=torch.Generator().manual_seed(3), num_inference_steps=3)
-    stock = ptp_utils.make_tiny_pipeline(seed=0)
+    # Training ran wherever accelerate put it; the fresh pipelines run there too.
+    stock = ptp_utils.make_tiny_pipeline(seed=0).to(wrapper.device)
     stock.load_textual_inversion(tmp_path / ti.EMBEDS_FILE)
     theirs = stock(prompt, generator=torch.Generator().manual_seed(3), num_inference_steps=3).images
-    reloaded = ti.StableDiffusionWrapper(ptp_utils.make_tiny_pipeline(seed=0))
+    reloaded = ti.StableDiffusionWrapper(ptp_utils.make_tiny_pipeline(seed=0).to(wrapper.device))
     reloaded.load_textual_inversion(tmp_path / ti.EMBEDS_FILE)
     again = reloaded([prompt], generator=torch.Generator().manual_seed(3), num_inference_steps=3)
-    untrained = ptp_utils.make_tiny_pipeline(seed=0)(
-        prompt, generator=torch.Generator().manual_seed(3), num_inference_steps=3
-    ).images
+    untrained = (
+        ptp_utils.make_tiny_pipeline(seed=0)
+        .to(wrapper.device)(prompt, generator=torch.Generator().manual_seed(3), num_inference_steps=3)
+        .images
+    )
 
     assert np.array_equal(np.asarray(ours[0]), np.asarray(theirs[0]))
     assert np.array_equal(np.asarray(ours[0]), np.asarray(again[0]))
@@ -209,7 +212,7 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, image_f
             image_folder, output_dir, num_inversion_steps=steps, checkpoint_every=2, resume_from=resume_from
         )
         ti.textual_inversion(wrapper, config)
-        return embedding_weight(wrapper)[-1].detach().clone()
+        return embedding_weight(wrapper)[-1].detach().cpu()
 
     uninterrupted = run(tmp_path / "straight", 5)
     interrupted = run(tmp_path / "resumed", 3)  # stops after step 3; the last checkpoint is step 2
