@@ -462,7 +462,13 @@ def main() -> None:
         "--lr", type=float, default=defaults.lr, help="peak Adam learning rate (cosine decay)"
     )
     parser.add_argument("--kl-warmup-epochs", type=int, default=defaults.kl_warmup_epochs)
-    parser.add_argument("--hidden", type=int, nargs="+", default=list(defaults.hidden), help="encoder widths")
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        default=list(defaults.hidden),
+        help="encoder layer widths; the decoder mirrors them",
+    )
     parser.add_argument("--latent-dim", type=int, default=defaults.latent_dim)
     parser.add_argument(
         "--static-binarization", action="store_true", help="one fixed draw of the training set"
@@ -481,9 +487,9 @@ def main() -> None:
 
     out = Path(args.out)
     if args.resume:
-        config = load_config(out / CHECKPOINT) if (out / CHECKPOINT).is_file() else None
-        if config is None:
+        if not (out / CHECKPOINT).is_file():
             parser.error(f"--resume: no checkpoint at {out / CHECKPOINT}; run without --resume first")
+        config = load_config(out / CHECKPOINT)
     else:
         config = VAEConfig(
             latent_dim=args.latent_dim,
