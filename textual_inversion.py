@@ -155,23 +155,28 @@ class StableDiffusionWrapper:
     def device(self) -> torch.device:
         return self.unet.device
 
-    def encode_prompt(self, prompt: list[str], text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
-        """Prompts -> CLIP hidden states (batch, 77, dim), exactly as the pipeline encodes them.
-
-        `text_encoder` is the accelerate-prepared one during training (under DDP its own forward
-        is what synchronises the gradients).
-        """
+    def tokenize(self, prompt: list[str]) -> torch.Tensor:
+        """Prompts -> padded token ids (batch, 77), exactly as the pipeline tokenizes them."""
         # Expands a multi-vector placeholder `<t>` into `<t> <t>_1 ...`, as the pipeline does.
         prompt = self.pipe.maybe_convert_prompt(prompt, self.tokenizer)
-        ids = self.tokenizer(
+        return self.tokenizer(
             prompt,
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids
-        text_encoder = text_encoder or self.text_encoder
-        return text_encoder(ids.to(self.text_encoder.device))[0]
+        ).input_ids.to(self.text_encoder.device)
+
+    def encode_prompt(
+        self, prompt: list[str] | torch.Tensor, text_encoder: torch.nn.Module | None = None
+    ) -> torch.Tensor:
+        """Prompts, or their ids from `tokenize`, -> CLIP hidden states (batch, 77, dim).
+
+        `text_encoder` is the accelerate-prepared one during training (under DDP its own forward
+        is what synchronises the gradients).
+        """
+        ids = prompt if isinstance(prompt, torch.Tensor) else self.tokenize(prompt)
+        return (text_encoder or self.text_encoder)(ids)[0]
 
     @torch.no_grad()
     def encode_image_to_latents(self, image: torch.Tensor) -> torch.Tensor:
@@ -292,7 +297,9 @@ def compute_standard_diffusion_loss(
     """
     scheduler = wrapper.scheduler
     if timestep_idx is None:
-        timestep_idx = torch.randint(scheduler.config.num_train_timesteps, (len(latents),))
+        timestep_idx = torch.randint(
+            scheduler.config.num_train_timesteps, (len(latents),), device=latents.device
+        )
     timestep_idx = timestep_idx.to(latents.device)
     noise = torch.randn_like(latents)
     noisy_latents = scheduler.add_noise(latents, noise, timestep_idx)
@@ -491,7 +498,10 @@ def textual_inversion(wrapper: StableDiffusionWrapper, config: TextualInversionC
                 for image in dataset
             ]
         )
-    templates, placeholder = config.prompt_templates, config.placeholder_tokens[0]
+    # Tokenized once, and images, templates (and timesteps) drawn on the device: a host-to-device
+    # copy in the middle of a step would make the CPU wait for the GPU, which then waits for it.
+    template_ids = wrapper.tokenize([t.format(config.placeholder_tokens[0]) for t in config.prompt_templates])
+    draw = dict(size=(config.batch_size,), device=accelerator.device)
 
     bar = tqdm(
         range(progress.step, config.num_inversion_steps),
@@ -503,14 +513,12 @@ def textual_inversion(wrapper: StableDiffusionWrapper, config: TextualInversionC
         total_loss = 0.0
         for _ in range(config.gradient_accumulation_steps):
             with accelerator.accumulate(text_encoder):
-                picks = torch.randint(len(dataset), (config.batch_size,))
-                prompts = [
-                    templates[i].format(placeholder)
-                    for i in torch.randint(len(templates), (config.batch_size,))
-                ]
+                picks = torch.randint(len(dataset), **draw)
                 latents = DiagonalGaussianDistribution(posterior_params[picks]).sample()
                 latents = latents * wrapper.vae.config.scaling_factor
-                embeddings = wrapper.encode_prompt(prompts, text_encoder)
+                embeddings = wrapper.encode_prompt(
+                    template_ids[torch.randint(len(template_ids), **draw)], text_encoder
+                )
                 loss = compute_standard_diffusion_loss(wrapper, latents, None, embeddings)
                 accelerator.backward(loss)
                 optimizer.step()

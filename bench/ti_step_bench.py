@@ -187,6 +187,7 @@ def main() -> None:
             pixels = rng.integers(0, 256, (args.resolution, args.resolution, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(Path(folder) / f"{i}.png")
 
+        time_bare_unet(bare_unet, *bare_shape, steps=3)  # warm-up: CUDA context, cuDNN algorithm choice
         restore = ti.restore_frozen_rows
         results = {"ours": [], "python_loop": [], "bare_unet": []}
         for _ in range(args.repeats):

