@@ -1,0 +1,351 @@
+"""Train the Shapes World model: Stable Diffusion's architecture, small, from scratch, at 64x64.
+
+Issue 5, part 3. Three parts, in two stages of one run:
+  1. an AutoencoderKL that maps a 64x64 image to a 16x16x4 latent (L1 reconstruction plus a
+     tiny KL term, as in Stable Diffusion's autoencoder);
+  2. a CLIPTextModel (small, read with the real CLIP tokenizer) and a UNet2DConditionModel with
+     cross-attention, trained together to predict the noise of SD's schedule on the frozen
+     autoencoder's latents, the caption dropped 10% of the time for classifier-free guidance.
+The data (shapes_world.py) is drawn on the fly: batch k of the run is items k*B..(k+1)*B-1 of
+the data set, so an interrupted run resumes on exactly the batches it had not seen.
+
+The run saves its state (weights, optimisers, learning-rate schedules, EMA, RNG) to DIR/checkpoint
+every --checkpoint-every steps and resumes from it when started again with the same --out; at
+the end it writes a standard diffusers pipeline folder, DIR/pipeline, in fp16 safetensors.
+
+    python shapes_train.py --out outputs/shapes_run            # the full run (see README for timing)
+    python shapes_train.py --out outputs/smoke --preset tiny --vae-steps 5 --diffusion-steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ptp_utils import CLIP_MAX_LENGTH, SD_SCHEDULER_CONFIG, offline_clip_tokenizer
+from shapes_world import IMAGE_SIZE, make_batch
+
+LATENT_SIZE = 16
+LATENT_CHANNELS = 4
+SCALING_BATCH = 256  # images whose latents set the VAE's scaling_factor (SD: 0.18215, found the same way)
+# Model sizes. "default" is the shipped model; "tiny" is for tests and smoke runs.
+PRESETS = {
+    "default": dict(
+        vae=dict(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8),
+        text=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
+        unet=dict(
+            block_out_channels=(32, 64, 128),
+            layers_per_block=1,
+            norm_num_groups=16,
+            attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        ),
+    ),
+    "tiny": dict(
+        vae=dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8),
+        text=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        unet=dict(
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            attention_head_dim=2,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        ),
+    ),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved next to its checkpoint."""
+
+    preset: str = "default"
+    vae_steps: int = 1500
+    diffusion_steps: int = 3000
+    batch_size: int = 32
+    vae_lr: float = 1e-3
+    diffusion_lr: float = 5e-4
+    warmup_steps: int = 100
+    kl_weight: float = 1e-6
+    caption_dropout: float = 0.1
+    ema_max_decay: float = 0.999
+    checkpoint_every: int = 250
+    seed: int = 0
+
+
+def build_models(
+    preset: str, tokenizer: CLIPTokenizer
+) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
+    """The three parts, with Stable Diffusion's classes and wiring, at the preset's size."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+    sizes = PRESETS[preset]
+    levels = len(sizes["vae"]["block_out_channels"])
+    if IMAGE_SIZE // 2 ** (levels - 1) != LATENT_SIZE:
+        raise ValueError(
+            f"the VAE needs {levels} levels to map {IMAGE_SIZE}px images to {LATENT_SIZE}px latents"
+        )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=LATENT_CHANNELS,
+        sample_size=IMAGE_SIZE,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        mid_block_add_attention=False,  # at 16x16 it costs more time than flat shapes need
+        **sizes["vae"],
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **sizes["text"],
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        cross_attention_dim=sizes["text"]["hidden_size"],
+        **sizes["unet"],
+    )
+    return vae, text_encoder, unet
+
+
+def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    """Stage 1: reconstruct the images through a sampled latent, with a small pull towards N(0, 1)."""
+    posterior = vae.encode(images).latent_dist
+    reconstruction = vae.decode(posterior.sample()).sample
+    return F.l1_loss(reconstruction, images) + kl_weight * posterior.kl().mean()
+
+
+def encode_captions(
+    text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, captions: list[str]
+) -> torch.Tensor:
+    """Captions to the UNet's cross-attention context, padded to 77 tokens exactly as the pipeline does."""
+    ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def diffusion_loss(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    noise_scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    captions: list[str],
+    caption_dropout: float,
+) -> torch.Tensor:
+    """Stage 2: the noise-prediction loss at a random timestep; dropped captions become ""."""
+    keep = torch.rand(len(captions)) >= caption_dropout
+    captions = [caption if k else "" for caption, k in zip(captions, keep.tolist(), strict=True)]
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=latents.device
+    )
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    context = encode_captions(text_encoder, tokenizer, captions)
+    return F.mse_loss(unet(noisy, timesteps, context).sample, noise)
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, seed: int) -> float:
+    """1 / std of the latents, so that the diffusion model sees unit-variance data (SD's 0.18215)."""
+    images, _ = make_batch(seed + 1, range(SCALING_BATCH))
+    # Its own generator, so that a resumed run finds the same factor as an uninterrupted one.
+    generator = torch.Generator(vae.device).manual_seed(seed)
+    return float(1 / vae.encode(images.to(vae.device)).latent_dist.sample(generator).std())
+
+
+def make_pipeline(
+    vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: CLIPTokenizer
+) -> StableDiffusionPipeline:
+    """The three parts as a Stable Diffusion pipeline with SD's schedule (DDIM sampling)."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(pipe: StableDiffusionPipeline, folder: str | Path) -> int:
+    """Write the pipeline in fp16 safetensors; returns the folder's size in bytes."""
+    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    # transformers loads a model in the dtype its config names, diffusers' models in fp32: name
+    # fp32, so that from_pretrained(folder) without a dtype gives one consistent fp32 pipeline.
+    config_file = Path(folder) / "text_encoder" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "dtype": "float32"}, indent=2))
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def report_timing(
+    seconds: dict[str, list[tuple[float, float]]], config: TrainConfig, device: torch.device, path: Path
+) -> None:
+    """Median wall and CPU seconds per step of each stage, and the default run's length at that pace.
+
+    The projection uses CPU seconds: on a machine with as many free cores as this process's
+    threads, a run takes at most that long (less where the threads work in parallel).
+    """
+    report = {"preset": config.preset, "batch_size": config.batch_size, "device": str(device)}
+    for stage, times in seconds.items():
+        if times:
+            report[f"{stage}_wall_s"] = statistics.median(wall for wall, _ in times)
+            report[f"{stage}_cpu_s"] = statistics.median(cpu for _, cpu in times)
+    if "vae_cpu_s" in report and "diffusion_cpu_s" in report:
+        default = TrainConfig()
+        cpu = default.vae_steps * report["vae_cpu_s"] + default.diffusion_steps * report["diffusion_cpu_s"]
+        report["default_run_cpu_minutes"] = cpu / 60
+        report["threads"] = torch.get_num_threads()
+    path.write_text(json.dumps(report, indent=1))
+    print("timing:", json.dumps(report))
+
+
+def train(out: str | Path, config: TrainConfig, mixed_precision: str = "no") -> Path:
+    """Stage 1 (autoencoder) then stage 2 (text encoder and UNet); resumes from out/checkpoint."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_file, progress_file, checkpoint = out / "config.json", out / "progress.json", out / "checkpoint"
+    if config_file.exists() and json.loads(config_file.read_text()) != asdict(config):
+        raise ValueError(f"{out} holds a run with another configuration ({config_file}): use a new --out")
+    config_file.write_text(json.dumps(asdict(config), indent=1))
+
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    torch.manual_seed(config.seed)
+    tokenizer = offline_clip_tokenizer()
+    vae, text_encoder, unet = build_models(config.preset, tokenizer)
+    denoiser_params = [*unet.parameters(), *text_encoder.parameters()]
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
+    diffusion_opt = torch.optim.AdamW(denoiser_params, lr=config.diffusion_lr)
+    vae_schedule = get_cosine_schedule_with_warmup(vae_opt, config.warmup_steps, config.vae_steps)
+    diffusion_schedule = get_cosine_schedule_with_warmup(
+        diffusion_opt, config.warmup_steps, config.diffusion_steps
+    )
+    ema = EMAModel(denoiser_params, decay=config.ema_max_decay, use_ema_warmup=True)
+    vae, text_encoder, unet, vae_opt, diffusion_opt, vae_schedule, diffusion_schedule = accelerator.prepare(
+        vae, text_encoder, unet, vae_opt, diffusion_opt, vae_schedule, diffusion_schedule
+    )
+    accelerator.register_for_checkpointing(ema)
+    noise_scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
+
+    start = 0
+    if progress_file.exists():
+        accelerator.load_state(checkpoint)
+        start = json.loads(progress_file.read_text())["step"]
+    total = config.vae_steps + config.diffusion_steps
+    bar = tqdm(
+        range(start, total),
+        initial=start,
+        total=total,
+        desc="shapes",
+        disable=not accelerator.is_main_process,
+    )
+    scaling_factor = None
+    # Wall and CPU seconds per step, without checkpointing, to plan runs. On a shared machine the
+    # CPU seconds (all threads) are the better measure: the process's own work, not its waiting.
+    seconds = {"vae": [], "diffusion": []}
+    for step in bar:
+        started = time.perf_counter(), time.process_time()
+        images, captions = make_batch(
+            config.seed, range(step * config.batch_size, (step + 1) * config.batch_size)
+        )
+        images = images.to(accelerator.device)
+        if step < config.vae_steps:
+            stage, optimizer, schedule = "vae", vae_opt, vae_schedule
+            with accelerator.autocast():
+                loss = vae_loss(vae, images, config.kl_weight)
+        else:
+            stage, optimizer, schedule = "diffusion", diffusion_opt, diffusion_schedule
+            if scaling_factor is None:
+                vae.requires_grad_(False).eval()
+                scaling_factor = latent_scaling_factor(vae, config.seed)
+            with torch.no_grad():
+                latents = vae.encode(images).latent_dist.sample() * scaling_factor
+            with accelerator.autocast():
+                loss = diffusion_loss(
+                    unet, text_encoder, tokenizer, noise_scheduler, latents, captions, config.caption_dropout
+                )
+        accelerator.backward(loss)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if stage == "diffusion":
+            ema.step(denoiser_params)
+        bar.set_postfix(stage=stage, loss=f"{loss.item():.4f}")
+        seconds[stage].append((time.perf_counter() - started[0], time.process_time() - started[1]))
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
+            accelerator.save_state(checkpoint)
+            progress_file.write_text(json.dumps({"step": step + 1}))
+
+    report_timing(seconds, config, accelerator.device, out / "timing.json")
+    if scaling_factor is None:  # resumed after the last step: nothing left to train
+        scaling_factor = latent_scaling_factor(vae, config.seed)
+    vae, text_encoder, unet = (accelerator.unwrap_model(m) for m in (vae, text_encoder, unet))
+    ema.copy_to(denoiser_params)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    folder = out / "pipeline"
+    size = save_pipeline(make_pipeline(vae, text_encoder, unet, tokenizer), folder)
+    print(f"saved {folder} ({size / 2**20:.1f} MiB, latent scaling factor {scaling_factor:.4f})")
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", required=True, help="run folder: checkpoint, then the pipeline in OUT/pipeline"
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        default="no",
+        choices=["no", "fp16", "bf16"],
+        help="autocast on a GPU (accelerate)",
+    )
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {"choices": sorted(PRESETS)} if f.name == "preset" else {}
+        parser.add_argument(
+            flag, type=type(f.default), default=f.default, help=f"default {f.default}", **kwargs
+        )
+    args = vars(parser.parse_args())
+    out, mixed_precision = args.pop("out"), args.pop("mixed_precision")
+    train(out, TrainConfig(**args), mixed_precision)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Shapes World: the data set, the judge, and the training of the small model (tiny configuration)."""
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+import shapes_train
+import shapes_world as sw
+from ptp_utils import SD_SCHEDULER_CONFIG
+
+
+def test_judge_reads_ground_truth_images():
+    report = sw.judge_accuracy(n=150, seed=7)
+    assert report["objects"] > 200
+    assert report["count"] == 1.0
+    assert report["background"] == 1.0
+    assert report["all"] >= 0.98, report
+
+
+def test_judge_mask_covers_the_drawn_object():
+    obj = sw.ShapeObject("blue", "square", "large", x=30.0, y=34.0, radius=12.0)
+    scene = sw.Scene([obj], "white", "a large blue square")
+    seen = sw.judge(sw.render(scene))
+    assert [(o.colour, o.shape, o.size) for o in seen.objects] == [("blue", "square", "large")]
+    assert seen.background == "white"
+    rows, cols = np.nonzero(seen.objects[0].mask)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (22, 45, 18, 41)
+    assert seen.objects[0].mask.sum() == 24 * 24
+
+
+def test_judge_rejects_wrong_image_shape():
+    with pytest.raises(ValueError, match=r"\(64, 64, 3\)"):
+        sw.judge(np.zeros((32, 32, 3), dtype=np.uint8))
+
+
+def test_captions_in_plain_english():
+    red = sw.ShapeObject("red", "circle", "large", 32, 32, 12)
+    blue = sw.ShapeObject("blue", "square", "small", 16, 32, 7)
+    yellow = sw.ShapeObject("yellow", "star", "large", 48, 32, 12)
+    orange = sw.ShapeObject("orange", "diamond", "small", 32, 32, 7)
+    assert sw.make_caption([red], "gray", with_background=False) == "a large red circle"
+    assert (
+        sw.make_caption([blue, yellow], "black", with_size=False)
+        == "a blue square and a yellow star on a black background"
+    )
+    assert sw.make_caption([orange], "white", "on the left", False, False) == "an orange diamond on the left"
+
+
+def test_data_set_is_deterministic_by_seed():
+    images, captions = sw.make_batch(3, range(6))
+    again, again_captions = sw.make_batch(3, range(6))
+    assert torch.equal(images, again) and captions == again_captions
+    # An item does not depend on the batch it is drawn in.
+    alone, alone_caption = sw.make_batch(3, [4])
+    assert torch.equal(alone[0], images[4]) and alone_caption[0] == captions[4]
+    item, item_caption = sw.ShapesWorld(length=10, seed=3)[4]
+    assert torch.equal(item, images[4]) and item_caption == captions[4]
+    other, other_captions = sw.make_batch(4, range(6))
+    assert not torch.equal(images, other)
+    assert images.shape == (6, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+
+
+def test_data_set_index_out_of_range():
+    with pytest.raises(IndexError, match="length 10"):
+        sw.ShapesWorld(length=10)[10]
+
+
+def test_held_out_pair_never_in_training_scenes():
+    colour, shape = sw.HELD_OUT
+    for i in range(3000):
+        scene = sw.sample_scene(sw.scene_rng(0, i))
+        assert f"{colour} {shape}" not in scene.caption
+        assert all((o.colour, o.shape) != sw.HELD_OUT for o in scene.objects)
+
+
+def test_held_out_pair_can_be_rendered_for_textual_inversion():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        scene = sw.held_out_scene(rng)
+        assert "purple triangle" in scene.caption
+        seen = sw.judge(sw.render(scene))
+        assert [(o.colour, o.shape) for o in seen.objects] == [sw.HELD_OUT]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tokenizer):
+    torch.manual_seed(0)
+    return shapes_train.build_models("tiny", tokenizer)
+
+
+def _changed(params_before, module):
+    return any(not torch.equal(a, b) for a, b in zip(params_before, module.parameters(), strict=True))
+
+
+def test_one_training_step_of_the_autoencoder(tiny_models):
+    vae, _, _ = tiny_models
+    images, _ = sw.make_batch(0, range(2))
+    assert vae.encode(images).latent_dist.mean.shape == (2, 4, 16, 16)
+    before = [p.detach().clone() for p in vae.parameters()]
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    loss = shapes_train.vae_loss(vae, images, kl_weight=1e-6)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and _changed(before, vae)
+
+
+def test_one_training_step_of_text_encoder_and_unet(tiny_models, tokenizer):
+    vae, text_encoder, unet = tiny_models
+    images, captions = sw.make_batch(0, range(2))
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.sample()
+    before_unet = [p.detach().clone() for p in unet.parameters()]
+    before_text = [p.detach().clone() for p in text_encoder.parameters()]
+    optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=1e-3)
+    scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    loss = shapes_train.diffusion_loss(unet, text_encoder, tokenizer, scheduler, latents, captions, 0.1)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert _changed(before_unet, unet) and _changed(before_text, text_encoder)
+
+
+def test_unknown_preset_is_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match="choose one of"):
+        shapes_train.build_models("huge", tokenizer)
+
+
+TINY_RUN = dict(
+    preset="tiny", vae_steps=2, diffusion_steps=2, batch_size=2, warmup_steps=1, checkpoint_every=1
+)
+
+
+def _weights(pipe):
+    return {
+        f"{name}.{key}": value.float()
+        for name in ("vae", "text_encoder", "unet")
+        for key, value in getattr(pipe, name).state_dict().items()
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A whole tiny run, uninterrupted: its folder."""
+    return shapes_train.train(tmp_path_factory.mktemp("whole"), shapes_train.TrainConfig(**TINY_RUN))
+
+
+def test_train_saves_a_pipeline_that_from_pretrained_loads(tiny_run):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_run)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    assert pipe.safety_checker is None
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured on this autoencoder's latents
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    on_disk = StableDiffusionPipeline.from_pretrained(tiny_run, torch_dtype=torch.float16)
+    assert on_disk.unet.dtype == torch.float16
+    assert json.loads((tiny_run.parent / "progress.json").read_text()) == {"step": 4}
+
+
+def test_interrupted_training_resumes_to_the_same_model(tiny_run, tmp_path, monkeypatch):
+    calls = []
+    real_make_batch = shapes_train.make_batch
+
+    def make_batch_then_stop(seed, indices):
+        calls.append(indices)
+        # Calls: steps 0, 1, 2, the latent scaling factor, step 3: stop at the last step.
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_make_batch(seed, indices)
+
+    config = shapes_train.TrainConfig(**TINY_RUN)
+    monkeypatch.setattr(shapes_train, "make_batch", make_batch_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        shapes_train.train(tmp_path, config)
+    assert json.loads((tmp_path / "progress.json").read_text()) == {"step": 3}
+    monkeypatch.setattr(shapes_train, "make_batch", real_make_batch)
+    resumed = _weights(StableDiffusionPipeline.from_pretrained(shapes_train.train(tmp_path, config)))
+    whole = _weights(StableDiffusionPipeline.from_pretrained(tiny_run))
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], msg=key)
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(asdict(shapes_train.TrainConfig(**TINY_RUN))))
+    with pytest.raises(ValueError, match="use a new --out"):
+        shapes_train.train(tmp_path, shapes_train.TrainConfig(**{**TINY_RUN, "diffusion_steps": 3}))
