@@ -29,6 +29,9 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+import ptp_utils
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 TINY_MODEL = "tiny"
@@ -311,7 +314,7 @@ def compute_standard_diffusion_loss(
     return F.mse_loss(prediction.float(), target.float())
 
 
-def check_placeholder_tokens(tokenizer, placeholder_tokens: list[str]) -> None:
+def check_placeholder_tokens(tokenizer: PreTrainedTokenizerBase, placeholder_tokens: list[str]) -> None:
     """Reject placeholders that would clash with the vocabulary or break diffusers' multi-vector naming."""
     if not placeholder_tokens:
         raise ValueError("Give at least one placeholder token, e.g. ['<my-thing>'].")
@@ -351,14 +354,13 @@ def prepare_for_textual_inversion(
     tokenizer.add_tokens(config.placeholder_tokens)
     # The new rows are overwritten below, so transformers need not fit a distribution to start them.
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    # The trained rows stay fp32 whatever the precision of the rest: half-precision updates of
-    # size lr * 1e-3 would round away.
+    # The trained rows stay fp32 (mixed precision's master copy) whatever the pipeline's dtype:
+    # the fp16 gradient scaler refuses half-precision weights, and bf16 would quantise updates of ~lr.
     text_encoder.to(torch.float32)
     weight = text_encoder.get_input_embeddings().weight
+    placeholder_ids = tokenizer.convert_tokens_to_ids(config.placeholder_tokens)
     with torch.no_grad():
-        weight[tokenizer.convert_tokens_to_ids(config.placeholder_tokens)] = weight[
-            initializer_ids[0]
-        ].clone()
+        weight[placeholder_ids] = weight[initializer_ids[0]].clone()
 
     wrapper.unet.requires_grad_(False)
     wrapper.vae.requires_grad_(False)
@@ -438,7 +440,7 @@ def find_checkpoint(config: TextualInversionConfig) -> Path:
 
 def save_checkpoint(
     accelerator: Accelerator, wrapper: StableDiffusionWrapper, config: TextualInversionConfig, step: int
-):
+) -> None:
     """Embeddings, optimizer, step and RNG states (accelerate's save_state), plus the embeddings file."""
     folder = Path(config.output_dir) / "checkpoints"
     accelerator.save_state(folder / f"step_{step:06d}")
@@ -544,8 +546,6 @@ def textual_inversion(wrapper: StableDiffusionWrapper, config: TextualInversionC
 def load_pipeline(model: str) -> StableDiffusionPipeline:
     """SD weights from the Hub or a local folder, or `tiny`: random weights, to test the plumbing offline."""
     if model == TINY_MODEL:
-        import ptp_utils
-
         return ptp_utils.make_tiny_pipeline()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
