@@ -245,12 +245,17 @@ def test_validation_sampling_writes_a_grid(tiny_pipe, tmp_path):
 def test_command_line_trains_the_tiny_pipeline(tmp_path, image_folder, monkeypatch):
     output_dir = tmp_path / "out"
     argv = ["textual_inversion.py", "--images", str(image_folder), "--token", TOKEN, "--init", "ball"]
-    argv += ["--model", "tiny", "--steps", "2", "--grad-accum", "1", "--num-vectors", "2"]
-    argv += ["--output-dir", str(output_dir), "--show-every", "0", "--sampling-steps", "2"]
+    argv += ["--model", "tiny", "--steps", "3", "--grad-accum", "1", "--num-vectors", "2"]
+    argv += ["--output-dir", str(output_dir), "--show-every", "2", "--sampling-steps", "2"]
     monkeypatch.setattr(sys, "argv", argv)
     ti.main()
     assert load_file(output_dir / ti.EMBEDS_FILE)[TOKEN].shape == (2, 32)
-    assert Image.open(output_dir / "samples" / "step_000002.png").size == (32 * ti.NUM_VALIDATION_IMAGES, 32)
+    grids = sorted((output_dir / "samples").iterdir())
+    assert [grid.name for grid in grids] == [
+        "step_000002.png",
+        "step_000003.png",
+    ]  # every 2 steps, and the end
+    assert Image.open(grids[-1]).size == (32 * ti.NUM_VALIDATION_IMAGES, 32)
 
 
 def test_an_unreachable_model_says_how_to_work_offline():
