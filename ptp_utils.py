@@ -8,6 +8,7 @@ vocabulary that open_clip_torch ships, and a tiny random-weight Stable Diffusion
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import importlib.util
 from pathlib import Path
@@ -18,6 +19,10 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -39,6 +44,15 @@ SD_SCHEDULER_CONFIG = dict(
     set_alpha_to_one=False,
     steps_offset=1,
 )
+# The samplers of the diffusion-practice experiments, built from the pipeline's own schedule.
+SCHEDULERS = {
+    "Euler": EulerDiscreteScheduler,
+    "Euler Ancestral": EulerAncestralDiscreteScheduler,
+    "DPM-Solver++": DPMSolverMultistepScheduler,
+    "DDIM": DDIMScheduler,
+    "PNDM": PNDMScheduler,
+}
+SCHEDULER_GRID_STEPS = (10, 25, 50)
 CLIP_MAX_LENGTH = 77
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # The CLIP vocabulary: 256 byte symbols, the same with an end-of-word marker, 48,894 merges, BOS, EOS.
@@ -362,15 +376,17 @@ def view_images(
     offset_ratio: float = 0.02,
     save_path: str | Path | None = None,
 ) -> Image.Image:
-    """Tile images (uint8, same size) into a grid on a white background; save it as a PNG if asked.
+    """Tile images (uint8, same width) into a grid on a white background; save it as a PNG if asked.
 
     Works without a display: returns the PIL image (a notebook shows it when it is the cell's
     last expression).
     """
-    images = [np.asarray(image) for image in images]
+    height = max(image.shape[0] for image in images)
+    # Captions can wrap to different numbers of lines: pad every image at the bottom to one height.
+    images = [np.pad(image, ((0, height - image.shape[0]), (0, 0), (0, 0)), constant_values=255) for image in images]
     num_empty = (-len(images)) % num_rows
     images += [np.full_like(images[0], 255)] * num_empty
-    height, width = images[0].shape[:2]
+    width = images[0].shape[1]
     offset = int(height * offset_ratio)
     num_cols = len(images) // num_rows
     grid = np.full(
@@ -442,3 +458,115 @@ def show_cross_attention(
             )
         tiles.append(text_under_image(colored, tokenizer.decode([token])))
     return view_images(tiles, save_path=save_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Diffusion in practice: samplers and negative prompts.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(
+    model: StableDiffusionPipeline,
+    prompt: str,
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float = 7.5,
+    negative_prompt: str | None = None,
+) -> np.ndarray:
+    """One image (uint8, H x W x 3) from diffusers' own pipeline, from the noise that `seed` draws."""
+    image = model(
+        prompt,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        negative_prompt=negative_prompt,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images[0]
+    return (image * 255).round().astype(np.uint8)
+
+
+def scheduler_grid(
+    model: StableDiffusionPipeline,
+    prompt: str,
+    seed: int,
+    step_counts: tuple[int, ...] = SCHEDULER_GRID_STEPS,
+    schedulers: tuple[str, ...] = tuple(SCHEDULERS),
+    guidance_scale: float = 7.5,
+    save_path: str | Path | None = None,
+) -> Image.Image:
+    """One prompt and one seed, with the number of steps as rows and the sampler as columns.
+
+    Every sampler is built from the pipeline's own scheduler configuration, so all share the
+    training noise schedule; the pipeline's scheduler is put back afterwards.
+    """
+    unknown = set(schedulers) - set(SCHEDULERS)
+    if unknown:
+        raise ValueError(f"Unknown scheduler(s) {sorted(unknown)}; choose from {list(SCHEDULERS)}.")
+    original = model.scheduler
+    tiles = []
+    try:
+        for steps in step_counts:
+            for name in schedulers:
+                model.scheduler = SCHEDULERS[name].from_config(original.config)
+                tiles.append(
+                    text_under_image(generate(model, prompt, seed, steps, guidance_scale), f"{name}, {steps}")
+                )
+    finally:
+        model.scheduler = original
+    return view_images(tiles, num_rows=len(step_counts), save_path=save_path)
+
+
+def negative_prompt_pair(
+    model: StableDiffusionPipeline,
+    prompt: str,
+    negative_prompt: str,
+    seed: int,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    save_path: str | Path | None = None,
+) -> Image.Image:
+    """The same noise and prompt without and with a negative prompt, side by side, prompts written under."""
+    plain = generate(model, prompt, seed, num_inference_steps, guidance_scale)
+    steered = generate(model, prompt, seed, num_inference_steps, guidance_scale, negative_prompt)
+    tiles = [
+        text_under_image(plain, prompt),
+        text_under_image(steered, f"{prompt} (negative: {negative_prompt})"),
+    ]
+    return view_images(tiles, save_path=save_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from prompt2prompt import DEFAULT_MODEL_ID, load_model
+
+    parser = argparse.ArgumentParser(
+        description="Diffusion in practice: a sampler grid and a negative-prompt pair."
+    )
+    parser.add_argument("figure", choices=["schedulers", "negative-prompt"], help="which figure to make")
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="hub id, local pipeline folder, or 'tiny'")
+    parser.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    parser.add_argument("--negative-prompt", default="blurry, low quality")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--steps", type=int, nargs="+", default=list(SCHEDULER_GRID_STEPS), help="step counts"
+    )
+    parser.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=list(SCHEDULERS))
+    parser.add_argument("--out", default=None, help="PNG to write (default: outputs/<figure>.png)")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+
+    out = args.out or f"outputs/{args.figure}.png"
+    model = load_model(args.model, args.device)
+    if args.figure == "schedulers":
+        scheduler_grid(
+            model, args.prompt, args.seed, tuple(args.steps), tuple(args.schedulers), save_path=out
+        )
+    else:
+        negative_prompt_pair(
+            model, args.prompt, args.negative_prompt, args.seed, args.steps[-1], save_path=out
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
