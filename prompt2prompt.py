@@ -25,9 +25,7 @@ from transformers import PreTrainedTokenizerBase
 import ptp_utils
 import seq_aligner
 
-DEFAULT_MODEL_ID = "CompVis/stable-diffusion-v1-4"
-# Short names for pipelines that need no download.
-OFFLINE_MODELS = {"tiny": "a random-weight pipeline that proves the plumbing (32x32 noise pictures)"}
+DEFAULT_MODEL_ID = ptp_utils.DEFAULT_MODEL_ID
 NUM_DIFFUSION_STEPS = 50
 GUIDANCE_SCALE = 7.5
 SEED = 8888
@@ -49,24 +47,10 @@ def load_model(
 ) -> StableDiffusionPipeline:
     """Load Stable Diffusion (the assignment's model): fp16 on CUDA, fp32 on CPU.
 
-    `model_id` is a hub id, a local pipeline folder, or a short name of an offline model
-    ("tiny"). The pipeline's safety checker is kept as the pipeline ships it.
+    `model_id` is a hub id, a local pipeline folder, or an offline short name
+    (`ptp_utils.OFFLINE_MODELS`). The safety checker stays as the pipeline ships it.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    if model_id == "tiny":
-        model = ptp_utils.make_tiny_pipeline()
-        return model.to(device) if dtype == torch.float32 else model.to(device, dtype)
-    try:
-        model = StableDiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)
-    except OSError as error:
-        offline = ", ".join(f"'{name}' ({what})" for name, what in OFFLINE_MODELS.items())
-        raise OSError(
-            f"Could not load the model '{model_id}': {error}\n"
-            f"It downloads from the Hugging Face hub on first use, which needs internet (or a copy in the "
-            f"hub cache). Offline, pass a local pipeline folder or one of the offline models: {offline}."
-        ) from error
-    return model.to(device)
+    return ptp_utils.load_pipeline(model_id, device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL_ID,
-        help=f"hub id or local pipeline folder, or offline: {', '.join(OFFLINE_MODELS)}",
+        help=f"hub id or local pipeline folder, or offline: {', '.join(ptp_utils.OFFLINE_MODELS)}",
     )
     parser.add_argument("--steps", type=int, default=NUM_DIFFUSION_STEPS, help="denoising steps")
     parser.add_argument(

@@ -44,6 +44,11 @@ SD_SCHEDULER_CONFIG = dict(
     set_alpha_to_one=False,
     steps_offset=1,
 )
+DEFAULT_MODEL_ID = "CompVis/stable-diffusion-v1-4"
+# Short names of pipelines that need no download.
+OFFLINE_MODELS = {
+    "tiny": "random weights in Stable Diffusion's architecture, 32x32: proves the plumbing only"
+}
 # The samplers of the diffusion-practice experiments, built from the pipeline's own schedule.
 SCHEDULERS = {
     "Euler": EulerDiscreteScheduler,
@@ -136,6 +141,36 @@ def make_tiny_pipeline(seed: int = 0, tokenizer: CLIPTokenizer | None = None) ->
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_pipeline(
+    model_id: str = DEFAULT_MODEL_ID,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline from the hub, a local folder, or an offline short name ("tiny").
+
+    fp16 on CUDA and fp32 on CPU unless `dtype` says otherwise; the safety checker stays as the
+    pipeline ships it. A model that cannot be had says how to proceed offline.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    if model_id == "tiny":
+        model = make_tiny_pipeline()
+        return model.to(device) if dtype == torch.float32 else model.to(device, dtype)
+    try:
+        model = StableDiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)
+    except OSError as error:
+        offline = ", ".join(f"'{name}' ({what})" for name, what in OFFLINE_MODELS.items())
+        raise OSError(
+            f"Could not load the model '{model_id}': {error}\n"
+            f"It downloads from the Hugging Face hub on first use, which needs internet. Offline, use a "
+            f"copy: "
+            f"download it once where there is internet (`huggingface-cli download {model_id}`), copy "
+            f"~/.cache/huggingface here and set HF_HUB_OFFLINE=1, or pass the downloaded folder instead of "
+            f"the id; or use one of the offline models: {offline}."
+        ) from error
+    return model.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +418,9 @@ def view_images(
     """
     height = max(image.shape[0] for image in images)
     # Captions can wrap to different numbers of lines: pad every image at the bottom to one height.
-    images = [np.pad(image, ((0, height - image.shape[0]), (0, 0), (0, 0)), constant_values=255) for image in images]
+    images = [
+        np.pad(image, ((0, height - image.shape[0]), (0, 0), (0, 0)), constant_values=255) for image in images
+    ]
     num_empty = (-len(images)) % num_rows
     images += [np.full_like(images[0], 255)] * num_empty
     width = images[0].shape[1]
@@ -537,8 +574,6 @@ def negative_prompt_pair(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from prompt2prompt import DEFAULT_MODEL_ID, load_model
-
     parser = argparse.ArgumentParser(
         description="Diffusion in practice: a sampler grid and a negative-prompt pair."
     )
@@ -556,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     out = args.out or f"outputs/{args.figure}.png"
-    model = load_model(args.model, args.device)
+    model = load_pipeline(args.model, args.device)
     if args.figure == "schedulers":
         scheduler_grid(
             model, args.prompt, args.seed, tuple(args.steps), tuple(args.schedulers), save_path=out

@@ -33,8 +33,6 @@ from transformers import PreTrainedTokenizerBase
 
 import ptp_utils
 
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
-TINY_MODEL = "tiny"
 EMBEDS_FILE = "learned_embeds.safetensors"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # diffusers' training-script defaults for SD 1.x (there with --scale_lr off).
@@ -543,25 +541,6 @@ def textual_inversion(wrapper: StableDiffusionWrapper, config: TextualInversionC
         save_learned_embeds(wrapper, config.placeholder_tokens, Path(config.output_dir) / EMBEDS_FILE)
 
 
-def load_pipeline(model: str) -> StableDiffusionPipeline:
-    """SD weights from the Hub or a local folder, or `tiny`: random weights, to test the plumbing offline."""
-    if model == TINY_MODEL:
-        return ptp_utils.make_tiny_pipeline()
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model, safety_checker=None, requires_safety_checker=False
-        )
-    except OSError as error:
-        raise OSError(
-            f"Could not load {model!r} ({error})\nWithout internet: download it once where there is "
-            f"(`huggingface-cli download {model}`) and copy ~/.cache/huggingface here, or pass the "
-            f"downloaded folder as --model PATH; then run with HF_HUB_OFFLINE=1. `--model {TINY_MODEL}` "
-            "trains a random-weight pipeline offline, to check the plumbing."
-        ) from error
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -570,7 +549,9 @@ def main() -> None:
     parser.add_argument("--token", required=True, help='the new word, e.g. "<my-thing>"')
     parser.add_argument("--init", required=True, help="a one-token word to start from, e.g. ball")
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"Hub id or folder, or {TINY_MODEL!r} (offline, random)"
+        "--model",
+        default=ptp_utils.DEFAULT_MODEL_ID,
+        help=f"hub id or folder, or offline: {', '.join(ptp_utils.OFFLINE_MODELS)}",
     )
     parser.add_argument("--num-vectors", type=int, default=1, help="vectors learned for the concept")
     parser.add_argument("--style", action="store_true", help="learn a style (style prompt templates)")
@@ -589,7 +570,9 @@ def main() -> None:
     parser.add_argument("--output-dir", default="outputs/textual_inversion")
     args = parser.parse_args()
 
-    pipe = load_pipeline(args.model)
+    # fp32 weights: accelerate casts the frozen parts for mixed precision, the trained rows stay fp32.
+    pipe = ptp_utils.load_pipeline(args.model, device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
     config = TextualInversionConfig(
         target_folder=args.images,
         placeholder_tokens=multi_vector_tokens(args.token, args.num_vectors),

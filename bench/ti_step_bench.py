@@ -155,9 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model", default=ti.TINY_MODEL, help=f"{ti.TINY_MODEL!r}, {SD1_RANDOM!r}, or a Hub id/folder"
-    )
+    parser.add_argument("--model", default="tiny", help=f"'tiny', {SD1_RANDOM!r}, or a hub id/folder")
     parser.add_argument("--resolution", type=int, help="default: the model's")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
@@ -167,7 +165,11 @@ def main() -> None:
     parser.add_argument("--skip-python-loop", action="store_true", help="it costs seconds per step on SD")
     args = parser.parse_args()
 
-    base = sd1_random_pipeline() if args.model == SD1_RANDOM else ti.load_pipeline(args.model)
+    base = (
+        sd1_random_pipeline()
+        if args.model == SD1_RANDOM
+        else ptp_utils.load_pipeline(args.model, device="cpu", dtype=torch.float32)
+    )
     base.set_progress_bar_config(disable=True)
     args.resolution = args.resolution or base.unet.config.sample_size * base.vae_scale_factor
     device = PartialState().device

@@ -259,5 +259,5 @@ def test_command_line_trains_the_tiny_pipeline(tmp_path, image_folder, monkeypat
 
 
 def test_an_unreachable_model_says_how_to_work_offline():
-    with pytest.raises(OSError, match="HF_HUB_OFFLINE=1.*--model tiny"):
-        ti.load_pipeline("nobody/no-such-model")
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE=1.*'tiny'"):
+        ptp_utils.load_pipeline("nobody/no-such-model", device="cpu")
