@@ -59,6 +59,7 @@ SCHEDULERS = {
 }
 SCHEDULER_GRID_STEPS = (10, 25, 50)
 CLIP_MAX_LENGTH = 77
+MIN_FONT_SIZE = 6
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # The CLIP vocabulary: 256 byte symbols, the same with an end-of-word marker, 48,894 merges, BOS, EOS.
 CLIP_NUM_MERGES = 49152 - 256 - 2
@@ -380,12 +381,18 @@ def text_under_image(
 ) -> np.ndarray:
     """The image with a white band below it holding `text`, centred (wrapped when long)."""
     height, width = image.shape[:2]
-    font = ImageFont.load_default(size=max(8, width // 24))
-    canvas = Image.new("RGB", (width, height), "white")
-    lines = _wrap(text, font, width - 4, ImageDraw.Draw(canvas))
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    longest_word = max(text.split(" "), key=len)
+    font_size = max(MIN_FONT_SIZE, width // 24)
+    while (
+        font_size > MIN_FONT_SIZE
+        and draw.textlength(longest_word, font=ImageFont.load_default(font_size)) > width
+    ):
+        font_size -= 1  # small images: shrink the font until every word fits on a line
+    font = ImageFont.load_default(size=font_size)
+    lines = _wrap(text, font, width - 4, draw)
     line_height = font.getbbox("Ag")[3] + 2
-    band = int(height * 0.2)
-    band = max(band, line_height * len(lines) + 4)
+    band = max(int(height * 0.2), line_height * len(lines) + 4)
     canvas = Image.new("RGB", (width, height + band), "white")
     canvas.paste(Image.fromarray(image), (0, 0))
     draw = ImageDraw.Draw(canvas)
