@@ -130,7 +130,14 @@ def test_unknown_preset_is_a_clear_error(tokenizer):
 
 
 TINY_RUN = dict(
-    preset="tiny", vae_steps=2, diffusion_steps=2, batch_size=2, warmup_steps=1, checkpoint_every=1
+    preset="tiny",
+    vae_steps=2,
+    diffusion_steps=2,
+    vae_batch_size=2,
+    batch_size=2,
+    warmup_steps=1,
+    checkpoint_every=1,
+    reconstruction_check=4,
 )
 
 
