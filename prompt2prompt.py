@@ -314,22 +314,7 @@ class AttentionReplace(AttentionControlEdit):
 
 def encode_text(model: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
     """CLIP text embeddings (len(prompts), 77, dim); a prompt longer than 77 tokens is an error."""
-    tokenizer = model.tokenizer
-    for prompt in prompts:
-        num_tokens = len(tokenizer(prompt).input_ids)
-        if num_tokens > tokenizer.model_max_length:
-            raise ValueError(
-                f"The prompt {prompt!r} has {num_tokens} tokens, more than the {tokenizer.model_max_length} "
-                f"that the text encoder reads (start and end tokens included). Shorten it."
-            )
-    input_ids = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return model.text_encoder(input_ids.to(model.device))[0]
+    return model.text_encoder(ptp_utils.tokenize_prompts(model.tokenizer, prompts).to(model.device))[0]
 
 
 @torch.no_grad()

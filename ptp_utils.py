@@ -47,7 +47,8 @@ SD_SCHEDULER_CONFIG = dict(
 DEFAULT_MODEL_ID = "CompVis/stable-diffusion-v1-4"
 # Short names of pipelines that need no download.
 OFFLINE_MODELS = {
-    "tiny": "random weights in Stable Diffusion's architecture, 32x32: proves the plumbing only"
+    "tiny": "random weights in Stable Diffusion's architecture, 32x32: proves the plumbing only",
+    "sd1-random": "Stable Diffusion 1.x's full architecture with random weights, for benchmarks",
 }
 # The samplers of the diffusion-practice experiments, built from the pipeline's own schedule.
 SCHEDULERS = {
@@ -130,7 +131,49 @@ def make_tiny_pipeline(seed: int = 0, tokenizer: CLIPTokenizer | None = None) ->
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    pipe = StableDiffusionPipeline(
+    pipe = assemble_pipeline(vae, text_encoder, unet, tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_sd1_random_pipeline() -> StableDiffusionPipeline:
+    """Stable Diffusion 1.x's architecture (CompVis/stable-diffusion-v1-4's configs) with random weights.
+
+    For benchmarks without a download: same sizes, same cost, no pictures.
+    """
+    tokenizer = offline_clip_tokenizer()
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    return assemble_pipeline(vae, text_encoder, unet, tokenizer)
+
+
+def assemble_pipeline(
+    vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: CLIPTokenizer
+) -> StableDiffusionPipeline:
+    """The parts as a Stable Diffusion pipeline with SD's schedule (DDIM sampling), no safety checker."""
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -140,8 +183,24 @@ def make_tiny_pipeline(seed: int = 0, tokenizer: CLIPTokenizer | None = None) ->
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+
+
+def tokenize_prompts(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded to 77, exactly as the pipeline makes them; a prompt that does not fit is an error."""
+    for prompt in prompts:
+        num_tokens = len(tokenizer(prompt).input_ids)
+        if num_tokens > tokenizer.model_max_length:
+            raise ValueError(
+                f"The prompt {prompt!r} has {num_tokens} tokens, more than the {tokenizer.model_max_length} "
+                f"that the text encoder reads (start and end tokens included). Shorten it."
+            )
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def load_pipeline(
@@ -156,8 +215,8 @@ def load_pipeline(
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    if model_id == "tiny":
-        model = make_tiny_pipeline()
+    if model_id in OFFLINE_MODELS:
+        model = make_tiny_pipeline() if model_id == "tiny" else make_sd1_random_pipeline()
         return model.to(device) if dtype == torch.float32 else model.to(device, dtype)
     try:
         model = StableDiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)

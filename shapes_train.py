@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     DDPMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -42,7 +41,13 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ptp_utils import CLIP_MAX_LENGTH, SD_SCHEDULER_CONFIG, offline_clip_tokenizer
+from ptp_utils import (
+    CLIP_MAX_LENGTH,
+    SD_SCHEDULER_CONFIG,
+    assemble_pipeline,
+    offline_clip_tokenizer,
+    tokenize_prompts,
+)
 from shapes_world import IMAGE_SIZE, judge_accuracy, make_batch, to_tensor
 
 LATENT_SIZE = 16
@@ -154,14 +159,7 @@ def encode_captions(
     text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, captions: list[str]
 ) -> torch.Tensor:
     """Captions to the UNet's cross-attention context, padded to 77 tokens exactly as the pipeline does."""
-    ids = tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
+    return text_encoder(tokenize_prompts(tokenizer, captions).to(text_encoder.device))[0]
 
 
 def diffusion_loss(
@@ -203,22 +201,6 @@ def reconstruction_accuracy(vae: AutoencoderKL, n: int, seed: int) -> float:
         return ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
     return judge_accuracy(n, seed, reconstruct)["all"]
-
-
-def make_pipeline(
-    vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: CLIPTokenizer
-) -> StableDiffusionPipeline:
-    """The three parts as a Stable Diffusion pipeline with SD's schedule (DDIM sampling)."""
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 def save_pipeline(pipe: StableDiffusionPipeline, folder: str | Path) -> int:
@@ -345,7 +327,7 @@ def train(out: str | Path, config: TrainConfig, mixed_precision: str = "no") -> 
     ema.copy_to(denoiser_params)
     vae.register_to_config(scaling_factor=scaling_factor)
     folder = out / "pipeline"
-    size = save_pipeline(make_pipeline(vae, text_encoder, unet, tokenizer), folder)
+    size = save_pipeline(assemble_pipeline(vae, text_encoder, unet, tokenizer), folder)
     print(f"saved {folder} ({size / 2**20:.1f} MiB, latent scaling factor {scaling_factor:.4f})")
     return folder
 

@@ -298,6 +298,31 @@ def save_grid(images: torch.Tensor, path: str | Path, padding: int = 2) -> None:
     Image.fromarray((grid.numpy() * 255).round().astype(np.uint8), mode="L").save(path)
 
 
+@torch.no_grad()
+def latent_manifold(model: VAE, path: str | Path, dims: tuple[int, int] = (0, 1), span: float = 2.5) -> None:
+    """The decoder along two latent directions: an 8x8 grid of decodes, z[dims] in [-span, span], the rest 0.
+
+    Rows move along the first direction, columns along the second: how the model lays digits out.
+    """
+    device = next(model.parameters()).device
+    values = torch.linspace(-span, span, GRID_SIZE, device=device)
+    z = torch.zeros(GRID_SIZE**2, model.latent_dim, device=device)
+    z[:, dims[0]] = values.repeat_interleave(GRID_SIZE)
+    z[:, dims[1]] = values.repeat(GRID_SIZE)
+    save_grid(torch.sigmoid(model.decode(z)).reshape(-1, 28, 28), path)
+
+
+@torch.no_grad()
+def reconstructions(model: VAE, x: torch.Tensor, path: str | Path) -> None:
+    """32 binarized images (odd rows) above their reconstructions from the posterior mean (even rows)."""
+    half = GRID_SIZE**2 // 2
+    x = x[:half].to(next(model.parameters()).device)
+    mu, _ = model.encode(x)
+    recon = torch.sigmoid(model.decode(mu))
+    rows = torch.stack([x.reshape(-1, GRID_SIZE, 784), recon.reshape(-1, GRID_SIZE, 784)], dim=1)
+    save_grid(rows.reshape(-1, 28, 28), path)
+
+
 def plot_losses(history: list[dict[str, float]], path: str | Path) -> None:
     """The loss curve: train and test negative ELBO per epoch."""
     import matplotlib

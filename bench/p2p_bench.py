@@ -4,9 +4,9 @@
   (b) p2p:        text2image_ldm with AttentionReplace (attention materialised only where edited)
   (c) p2p_naive:  the same edit with every attention matrix materialised (the reference code's way)
 
-Each variant runs in a fresh subprocess so that peak memories do not mix: on CUDA the peak of
-torch's allocator, on CPU the growth of the process's peak resident memory over its size after
-loading the model. Prints a table and the ratios (b)/(a) and (c)/(a) as JSON, last.
+Each variant runs in a fresh subprocess, warms up once, then is timed (median of --repeats) while
+its peak memory is taken: on CUDA the peak of torch's allocator, on CPU (Linux) the peak resident
+size over the size before the timed runs. Prints a table and the ratios (b)/(a) and (c)/(a) as JSON, last.
 
     python bench/p2p_bench.py                      # tiny random pipeline, 64 px, CPU
     python bench/p2p_bench.py --model CompVis/stable-diffusion-v1-4 --size 512 --steps 50   # on a GPU
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,14 @@ class MaterialiseEverything(p2p.AttentionReplace):
 
     def needs_attention(self, is_cross: bool, place_in_unet: str, num_queries: int) -> bool:
         return p2p.AttentionControl.needs_attention(self, is_cross, place_in_unet, num_queries)
+
+
+def proc_status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
 
 
 def run_variant(args: argparse.Namespace) -> dict:
@@ -76,28 +83,25 @@ def run_variant(args: argparse.Namespace) -> dict:
             model, PROMPTS, controller, args.steps, latent=x_t, height=args.size, width=args.size
         )
 
+    generate()  # warm-up: one-time allocations and caches do not count
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        import psutil
-
-        base = psutil.Process().memory_info().rss
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident size restarts from now
+        base = proc_status_bytes("VmRSS")
     times = []
-    for _ in range(args.repeats + 1):  # the first run warms up
+    for _ in range(args.repeats):
         start = time.perf_counter()
         generate()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = (torch.cuda.max_memory_allocated() if cuda else proc_status_bytes("VmHWM")) - base
     return {
         "variant": args.variant,
-        "seconds": statistics.median(times[1:]),
+        "seconds": statistics.median(times),
         "peak_mb": peak / 2**20,
         "device": str(model.device),
         "name": torch.cuda.get_device_name() if cuda else "cpu",

@@ -28,54 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ptp_utils  # noqa: E402
 import textual_inversion as ti  # noqa: E402
 
-SD1_RANDOM = "sd1-random"
 NUM_IMAGES = 4
-
-
-def sd1_random_pipeline() -> StableDiffusionPipeline:
-    """Stable Diffusion 1.x's architecture with random weights (CompVis/stable-diffusion-v1-4's configs)."""
-    tokenizer = ptp_utils.offline_clip_tokenizer()
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**ptp_utils.SD_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 def python_loop_restore(weight: torch.Tensor, original: torch.Tensor, is_placeholder: torch.Tensor) -> None:
@@ -155,7 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="tiny", help=f"'tiny', {SD1_RANDOM!r}, or a hub id/folder")
+    offline = ", ".join(ptp_utils.OFFLINE_MODELS)
+    parser.add_argument("--model", default="tiny", help=f"hub id or folder, or offline: {offline}")
     parser.add_argument("--resolution", type=int, help="default: the model's")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
@@ -165,11 +126,7 @@ def main() -> None:
     parser.add_argument("--skip-python-loop", action="store_true", help="it costs seconds per step on SD")
     args = parser.parse_args()
 
-    base = (
-        sd1_random_pipeline()
-        if args.model == SD1_RANDOM
-        else ptp_utils.load_pipeline(args.model, device="cpu", dtype=torch.float32)
-    )
+    base = ptp_utils.load_pipeline(args.model, device="cpu", dtype=torch.float32)
     base.set_progress_bar_config(disable=True)
     args.resolution = args.resolution or base.unet.config.sample_size * base.vae_scale_factor
     device = PartialState().device

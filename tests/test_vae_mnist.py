@@ -121,6 +121,34 @@ def test_sample_grid_rejects_other_counts(tmp_path):
         vae_mnist.save_grid(torch.zeros(10, 28, 28), tmp_path / "grid.png")
 
 
+def grid_tile(path, row, col, pad=2):
+    grid = np.asarray(Image.open(path)).astype(np.float32) / 255
+    top, left = pad + row * (28 + pad), pad + col * (28 + pad)
+    return grid[top : top + 28, left : left + 28]
+
+
+def test_latent_manifold_walks_rows_and_columns_along_the_two_directions(trained, tmp_path):
+    model, _, _ = trained
+    vae_mnist.latent_manifold(model, tmp_path / "manifold.png", dims=(3, 7), span=2.0)
+    corner = torch.zeros(1, model.latent_dim)
+    corner[0, 3], corner[0, 7] = -2.0, 2.0  # first row (dim 3 lowest), last column (dim 7 highest)
+    expected = torch.sigmoid(model.decode(corner)).reshape(28, 28).detach().numpy()
+    np.testing.assert_allclose(grid_tile(tmp_path / "manifold.png", 0, 7), expected, atol=1 / 255 + 1e-6)
+
+
+def test_reconstructions_put_inputs_above_their_reconstructions(trained, mnist, tmp_path):
+    model, _, _ = trained
+    x = vae_mnist.binarized_test_set(mnist[1][:32])
+    vae_mnist.reconstructions(model, x, tmp_path / "recon.png")
+    for k in (0, 9, 31):
+        row, col = divmod(k, 8)
+        assert np.array_equal(grid_tile(tmp_path / "recon.png", 2 * row, col), x[k].reshape(28, 28).numpy())
+        below = grid_tile(tmp_path / "recon.png", 2 * row + 1, col)
+        assert (
+            np.abs(below - x[k].reshape(28, 28).numpy()).mean() < 0.2
+        )  # a reconstruction, not another digit
+
+
 def test_samples_are_probabilities(trained):
     model, _, _ = trained
     images = vae_mnist.sample(model, generator=torch.Generator().manual_seed(0))
