@@ -33,6 +33,9 @@ CROSS_REPLACE_STEPS = 0.8
 SELF_REPLACE_STEPS = 0.4
 SOURCE_PROMPT = "photo of a cat riding on a bicycle."
 TARGET_PROMPT = "photo of a cat riding on a motorcycle."
+# The shipped Shapes World model knows only its captions' words: its demo edit is one of them.
+SHAPES_SOURCE_PROMPT = "a large red circle on a black background"
+SHAPES_TARGET_PROMPT = "a large red star on a black background"
 # The paper stores and blends attention maps of at most 32x32 queries, and replaces
 # self-attention only in layers of at most 16x16 queries (the coarse layout).
 MAX_STORED_QUERIES = 32**2
@@ -408,8 +411,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Prompt-to-Prompt word swap: generate the source and the edited image side by side."
     )
-    parser.add_argument("--source", default=SOURCE_PROMPT, help="source prompt")
-    parser.add_argument("--target", default=TARGET_PROMPT, help="target prompt (same number of words)")
+    parser.add_argument(
+        "--source", help=f"source prompt (default: {SOURCE_PROMPT!r}; {SHAPES_SOURCE_PROMPT!r} for shapes)"
+    )
+    parser.add_argument(
+        "--target",
+        help=f"target prompt (default: {TARGET_PROMPT!r}; {SHAPES_TARGET_PROMPT!r} for shapes)",
+    )
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL_ID,
@@ -438,7 +446,11 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         model = load_model(args.model, args.device, args.dtype and getattr(torch, args.dtype))
-        prompts = [args.source, args.target]
+        shapes = args.model == "shapes"
+        prompts = [
+            args.source or (SHAPES_SOURCE_PROMPT if shapes else SOURCE_PROMPT),
+            args.target or (SHAPES_TARGET_PROMPT if shapes else TARGET_PROMPT),
+        ]
         controller = AttentionReplace(
             prompts,
             args.steps,

@@ -45,10 +45,12 @@ SD_SCHEDULER_CONFIG = dict(
     steps_offset=1,
 )
 DEFAULT_MODEL_ID = "CompVis/stable-diffusion-v1-4"
+SHAPES_MODEL_DIR = Path(__file__).resolve().parent / "models" / "shapes"
 # Short names of pipelines that need no download.
 OFFLINE_MODELS = {
     "tiny": "random weights in Stable Diffusion's architecture, 32x32: proves the plumbing only",
     "sd1-random": "Stable Diffusion 1.x's full architecture with random weights, for benchmarks",
+    "shapes": "the Shapes World model that shapes_train.py trains into models/shapes, 64x64",
 }
 # The samplers of the diffusion-practice experiments, built from the pipeline's own schedule.
 SCHEDULERS = {
@@ -89,6 +91,20 @@ def offline_clip_tokenizer() -> CLIPTokenizer:
     )
 
 
+def make_clip_text_encoder(tokenizer: CLIPTokenizer, **sizes) -> CLIPTextModel:
+    """A randomly initialised CLIP text encoder of the given sizes that reads `tokenizer`'s ids."""
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **sizes,
+        )
+    )
+
+
 def make_tiny_pipeline(seed: int = 0, tokenizer: CLIPTokenizer | None = None) -> StableDiffusionPipeline:
     """A Stable Diffusion pipeline with random weights, small enough for a CPU test (32x32 images).
 
@@ -118,18 +134,8 @@ def make_tiny_pipeline(seed: int = 0, tokenizer: CLIPTokenizer | None = None) ->
         latent_channels=4,
         sample_size=32,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    text_encoder = make_clip_text_encoder(
+        tokenizer, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
     )
     pipe = assemble_pipeline(vae, text_encoder, unet, tokenizer)
     pipe.set_progress_bar_config(disable=True)
@@ -151,20 +157,14 @@ def make_sd1_random_pipeline() -> StableDiffusionPipeline:
         latent_channels=4,
         sample_size=512,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    text_encoder = make_clip_text_encoder(
+        tokenizer,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+        projection_dim=768,
     )
     return assemble_pipeline(vae, text_encoder, unet, tokenizer)
 
@@ -208,14 +208,21 @@ def load_pipeline(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> StableDiffusionPipeline:
-    """A Stable Diffusion pipeline from the hub, a local folder, or an offline short name ("tiny").
+    """A Stable Diffusion pipeline from the hub, a local folder, or an offline short name ("shapes").
 
     fp16 on CUDA and fp32 on CPU unless `dtype` says otherwise; the safety checker stays as the
     pipeline ships it. A model that cannot be had says how to proceed offline.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    if model_id in OFFLINE_MODELS:
+    if model_id == "shapes":
+        if not (SHAPES_MODEL_DIR / "model_index.json").exists():
+            raise OSError(
+                f"No Shapes World model in {SHAPES_MODEL_DIR}: train one with `python shapes_train.py --out "
+                f"outputs/shapes_run` and copy outputs/shapes_run/pipeline there, or pass a pipeline folder."
+            )
+        model_id = str(SHAPES_MODEL_DIR)
+    elif model_id in OFFLINE_MODELS:
         model = make_tiny_pipeline() if model_id == "tiny" else make_sd1_random_pipeline()
         return model.to(device) if dtype == torch.float32 else model.to(device, dtype)
     try:
@@ -644,7 +651,11 @@ def main(argv: list[str] | None = None) -> None:
         description="Diffusion in practice: a sampler grid and a negative-prompt pair."
     )
     parser.add_argument("figure", choices=["schedulers", "negative-prompt"], help="which figure to make")
-    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="hub id, local pipeline folder, or 'tiny'")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_ID,
+        help=f"hub id, local folder, or offline: {', '.join(OFFLINE_MODELS)}",
+    )
     parser.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     parser.add_argument("--negative-prompt", default="blurry, low quality")
     parser.add_argument("--seed", type=int, default=0)

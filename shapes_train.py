@@ -39,12 +39,12 @@ from diffusers import (
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from ptp_utils import (
-    CLIP_MAX_LENGTH,
     SD_SCHEDULER_CONFIG,
     assemble_pipeline,
+    make_clip_text_encoder,
     offline_clip_tokenizer,
     tokenize_prompts,
 )
@@ -87,8 +87,8 @@ class TrainConfig:
     """Everything that defines a run; saved next to its checkpoint."""
 
     preset: str = "default"
-    vae_steps: int = 1000
-    diffusion_steps: int = 2000
+    vae_steps: int = 2500
+    diffusion_steps: int = 2500
     vae_batch_size: int = 16
     batch_size: int = 32
     vae_lr: float = 2e-3
@@ -100,6 +100,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     reconstruction_check: int = 200  # images whose reconstructions the judge reads after stage 1
     seed: int = 0
+    vae_from: str = ""  # a pipeline folder whose autoencoder stage 2 reuses, instead of stage 1
 
 
 def build_models(
@@ -124,16 +125,7 @@ def build_models(
         mid_block_add_attention=False,  # at 16x16 it costs more time than flat shapes need
         **sizes["vae"],
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **sizes["text"],
-        )
-    )
+    text_encoder = make_clip_text_encoder(tokenizer, **sizes["text"])
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE,
         in_channels=LATENT_CHANNELS,
@@ -253,6 +245,11 @@ def train(out: str | Path, config: TrainConfig, mixed_precision: str = "no") -> 
     torch.manual_seed(config.seed)
     tokenizer = offline_clip_tokenizer()
     vae, text_encoder, unet = build_models(config.preset, tokenizer)
+    if config.vae_from:
+        if config.vae_steps:
+            raise ValueError("--vae-from reuses a trained autoencoder: set --vae-steps 0")
+        trained = AutoencoderKL.from_pretrained(config.vae_from, subfolder="vae", torch_dtype=torch.float32)
+        vae.load_state_dict(trained.state_dict())
     denoiser_params = [*unet.parameters(), *text_encoder.parameters()]
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
     diffusion_opt = torch.optim.AdamW(denoiser_params, lr=config.diffusion_lr)

@@ -13,6 +13,7 @@ size from that box. The shape templates are the very functions that draw the dat
 
     python shapes_world.py check --n 2000        # the judge's accuracy on ground-truth images
     python shapes_world.py grid --out grid.png   # a grid of samples with their captions
+    python shapes_world.py held-out --out DIR    # pictures of the held-out pair, for textual inversion
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4  # sub-pixels per side: anti-aliased edges, as a camera (or a VAE) would see them
@@ -197,6 +200,16 @@ def held_out_scene(rng: np.random.Generator, size: str | None = None, background
     x, y = np.array(POSITIONS["in the center"]) + rng.uniform(-JITTER, JITTER, size=2)
     obj = _make_object(rng, *HELD_OUT, size, x, y)
     return Scene([obj], background, make_caption([obj], background), "in the center")
+
+
+def save_held_out_images(folder: str | Path, n: int = 5, seed: int = 0) -> list[Path]:
+    """Write n pictures of the held-out pair as PNGs: a textual-inversion concept folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{HELD_OUT[0]}_{HELD_OUT[1]}_{i}.png" for i in range(n)]
+    for i, path in enumerate(paths):
+        Image.fromarray(render(held_out_scene(np.random.default_rng([seed, i])))).save(path)
+    return paths
 
 
 def render(scene: Scene) -> np.ndarray:
@@ -408,12 +421,17 @@ def main() -> None:
     grid.add_argument("--out", default="outputs/shapes_grid.png", help="image file to write")
     grid.add_argument("--n", type=int, default=16, help="number of samples")
     grid.add_argument("--seed", type=int, default=0, help="data set seed")
+    held_out = commands.add_parser("held-out", help="pictures of the held-out pair, for textual inversion")
+    held_out.add_argument("--out", default="data/purple_triangle", help="folder to write the PNGs to")
+    held_out.add_argument("--n", type=int, default=5, help="number of pictures")
+    held_out.add_argument("--seed", type=int, default=0, help="seed of their sizes, places and backgrounds")
     args = parser.parse_args()
     if args.command == "check":
         print(json.dumps(judge_accuracy(args.n, args.seed)))
+    elif args.command == "held-out":
+        paths = save_held_out_images(args.out, args.n, args.seed)
+        print(f"wrote {len(paths)} pictures of a {' '.join(HELD_OUT)} to {args.out}")
     else:
-        from pathlib import Path
-
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_grid(args.out, args.n, args.seed)
         print(f"wrote {args.out}")

@@ -16,12 +16,6 @@ permutation: a DataLoader that builds one image at a time costs more than the mo
 
 from __future__ import annotations
 
-import os
-
-# Idle OpenMP threads sleep instead of spinning: on a CPU shared with other processes, spinning
-# threads starve the one that holds the work and an epoch can take 20x longer. Set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import gzip
 import importlib.util
@@ -399,7 +393,8 @@ def train(
     static = binarize(intensities, generator) if config.static_binarization else None
     torch.manual_seed(config.seed)  # weight initialisation
     model = VAE(config.latent_dim, config.hidden, data_mean=intensities.mean(0)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    # One fused kernel for the whole update instead of a dozen ops per tensor: 10% of an epoch on a CPU.
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     steps_per_epoch = math.ceil(len(intensities) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
     history, seconds, start_epoch = [], 0.0, 0

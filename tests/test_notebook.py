@@ -9,10 +9,10 @@ from nbclient import NotebookClient
 NOTEBOOK = Path(__file__).resolve().parent.parent / "run_in_colab.ipynb"
 EXPECTED_FIGURES = {
     "p2p": [
-        "cat_bicycle_edits.png",
+        "word_swaps.png",
         "injection_study.png",
         "cross_attention.png",
-        "lion_to_hippopotamus.png",
+        "token_count_swap.png",
     ],
     "textual_inversion": ["evaluation.png", "two_concepts.png"],
     "vae": [

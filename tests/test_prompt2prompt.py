@@ -281,3 +281,17 @@ def test_command_line_writes_the_side_by_side_edit(tmp_path):
 def test_unreachable_model_says_how_to_proceed_offline():
     with pytest.raises(OSError, match="(?s)needs internet.*offline models: 'tiny'"):
         p2p.load_model("no-such-user/no-such-model", device="cpu")
+
+
+def test_shapes_model_without_its_folder_says_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(ptp_utils, "SHAPES_MODEL_DIR", tmp_path / "shapes")
+    with pytest.raises(OSError, match="shapes_train.py"):
+        p2p.load_model("shapes", device="cpu")
+
+
+def test_shapes_model_loads_from_its_folder(tmp_path, monkeypatch, tiny_pipe):
+    tiny_pipe.save_pretrained(tmp_path / "shapes")
+    monkeypatch.setattr(ptp_utils, "SHAPES_MODEL_DIR", tmp_path / "shapes")
+    model = p2p.load_model("shapes", device="cpu")
+    for key, weight in tiny_pipe.unet.state_dict().items():
+        assert torch.equal(model.unet.state_dict()[key], weight), key

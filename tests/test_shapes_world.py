@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from PIL import Image
 
 import shapes_train
 import shapes_world as sw
@@ -84,6 +85,15 @@ def test_held_out_pair_can_be_rendered_for_textual_inversion():
         assert "purple triangle" in scene.caption
         seen = sw.judge(sw.render(scene))
         assert [(o.colour, o.shape) for o in seen.objects] == [sw.HELD_OUT]
+
+
+def test_held_out_pictures_make_a_concept_folder(tmp_path):
+    paths = sw.save_held_out_images(tmp_path / "concept", n=3, seed=1)
+    assert sorted(p.name for p in (tmp_path / "concept").iterdir()) == sorted(p.name for p in paths)
+    for path in paths:
+        image = np.asarray(Image.open(path))
+        assert image.shape == (sw.IMAGE_SIZE, sw.IMAGE_SIZE, 3)
+        assert [(o.colour, o.shape) for o in sw.judge(image).objects] == [sw.HELD_OUT]
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +207,19 @@ def test_resume_refuses_another_configuration(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(asdict(shapes_train.TrainConfig(**TINY_RUN))))
     with pytest.raises(ValueError, match="use a new --out"):
         shapes_train.train(tmp_path, shapes_train.TrainConfig(**{**TINY_RUN, "diffusion_steps": 3}))
+
+
+def test_stage_two_can_reuse_a_trained_autoencoder(tiny_run, tmp_path):
+    config = shapes_train.TrainConfig(**{**TINY_RUN, "vae_steps": 0, "vae_from": str(tiny_run)})
+    reused = StableDiffusionPipeline.from_pretrained(shapes_train.train(tmp_path, config))
+    trained = StableDiffusionPipeline.from_pretrained(tiny_run)
+    for key, weight in trained.vae.state_dict().items():
+        torch.testing.assert_close(reused.vae.state_dict()[key], weight, msg=key)
+    # Measured again on the reused weights, which the folder keeps in fp16.
+    assert reused.vae.config.scaling_factor == pytest.approx(trained.vae.config.scaling_factor, rel=1e-2)
+    assert json.loads((tmp_path / "progress.json").read_text()) == {"step": 2}
+
+
+def test_reusing_an_autoencoder_refuses_autoencoder_steps(tiny_run, tmp_path):
+    with pytest.raises(ValueError, match="--vae-steps 0"):
+        shapes_train.train(tmp_path, shapes_train.TrainConfig(**{**TINY_RUN, "vae_from": str(tiny_run)}))

@@ -1,0 +1,280 @@
+"""Issue 5's figures for the shipped Shapes World model, read by the judge of shapes_world.py.
+
+  adherence         200 random captions of the training vocabulary (50 DDIM steps, guidance 7.5):
+                    the share of captioned objects whose colour and shape the judge finds
+  p2p_*, plain_*    word swaps (colour, shape, background) over --seeds seeds: the edit succeeds
+                    when the judge sees the new word; the layout is kept as the IoU of the object
+                    masks of source and edit. Prompt-to-Prompt (AttentionReplace) against plain
+                    regeneration of the target prompt from the same x_T.
+  ti_success        textual inversion of the held-out pair (HELD_OUT, never in a training caption)
+                    from 5 rendered images: the share of samples of "a <token>" that the judge reads
+                    as that pair; init_success is the same for the initializer word alone.
+
+Prints one JSON object last; --json writes it to a file too.
+
+    python bench/shapes_eval.py                 # the full evaluation (README's figures)
+    python bench/shapes_eval.py --quick         # a few of each, to check the plumbing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import prompt2prompt as p2p  # noqa: E402
+import ptp_utils  # noqa: E402
+import textual_inversion as ti  # noqa: E402
+from shapes_world import (  # noqa: E402
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT,
+    SHAPES,
+    SIZES,
+    JudgedObject,
+    Judgement,
+    ShapeObject,
+    judge,
+    make_caption,
+    sample_scene,
+    save_held_out_images,
+    scene_rng,
+)
+
+STEPS = 50
+GUIDANCE = 7.5
+BATCH = 25  # captions per pipeline call
+ADHERENCE_CAPTIONS = 200
+P2P_SEEDS = 120
+SWAPS = ("colour", "shape", "background")
+TI_IMAGES = 5
+TI_SAMPLES = 100
+TI_TOKEN = "<held-out>"
+TI_INIT = HELD_OUT[1]  # "triangle": the shape word, which carries the pair's outline but no colour
+TI_TEMPLATES = ["a {}", "a {} in the center"]
+TI_STEPS = 600
+TI_LR = 5e-3
+TI_BATCH = 8
+# Base seeds of the three studies; the data set was drawn with seed 0 (shapes_train.py).
+ADHERENCE_SEED, P2P_SEED, TI_SEED = 101, 202, 303
+
+
+def pipeline_images(model, prompts: list[str], seeds: list[int]) -> np.ndarray:
+    """uint8 images (B, 64, 64, 3), one per prompt, prompt i from the noise that seeds[i] draws."""
+    images = []
+    for start in range(0, len(prompts), BATCH):
+        generators = [torch.Generator().manual_seed(s) for s in seeds[start : start + BATCH]]
+        out = model(
+            prompts[start : start + BATCH],
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            generator=generators,
+            output_type="np",
+        ).images
+        images.append((out * 255).round().astype(np.uint8))
+    return np.concatenate(images)
+
+
+def matched_objects(wanted: list[tuple[str, str]], seen: Judgement) -> int:
+    """How many wanted (colour, shape) pairs the judge found, each judged object used once."""
+    found = [(o.colour, o.shape) for o in seen.objects]
+    hits = 0
+    for pair in wanted:
+        if pair in found:
+            found.remove(pair)
+            hits += 1
+    return hits
+
+
+def adherence(model, n: int) -> dict:
+    """Share of captioned objects (colour and shape) that the judge finds in the generated images."""
+    scenes = [sample_scene(scene_rng(ADHERENCE_SEED, i)) for i in range(n)]
+    images = pipeline_images(model, [s.caption for s in scenes], [ADHERENCE_SEED + i for i in range(n)])
+    objects = hits = exact = 0
+    for scene, image in zip(scenes, images, strict=True):
+        seen = judge(image)
+        wanted = [(o.colour, o.shape) for o in scene.objects]
+        found = matched_objects(wanted, seen)
+        objects, hits = objects + len(wanted), hits + found
+        exact += found == len(wanted) == len(seen.objects)
+    return {"adherence": hits / objects, "adherence_exact_images": exact / n, "adherence_objects": objects}
+
+
+def swap_pair(rng: np.random.Generator, kind: str) -> tuple[str, str, str, str]:
+    """A one-object source caption, its target with one word swapped, and the old and new word."""
+    colour, shape = HELD_OUT
+    while (colour, shape) == HELD_OUT:
+        colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+    background = str(rng.choice(list(BACKGROUNDS)))
+    # The size word is always there, so that "a" stays the article whatever colour follows.
+    obj = ShapeObject(colour, shape, str(rng.choice(list(SIZES))), 0, 0, 0)
+    source = make_caption([obj], background)
+    choices = {"colour": list(COLOURS), "shape": list(SHAPES), "background": list(BACKGROUNDS)}[kind]
+    old = {"colour": colour, "shape": shape, "background": background}[kind]
+    while True:
+        new = str(rng.choice([c for c in choices if c != old]))
+        pair = (new, shape) if kind == "colour" else (colour, new) if kind == "shape" else (colour, shape)
+        if pair != HELD_OUT:
+            break
+    return source, source.replace(f" {old} ", f" {new} "), old, new
+
+
+def main_object(seen: Judgement) -> JudgedObject | None:
+    """The largest object the judge found, if any: what a one-object caption is about."""
+    return max(seen.objects, key=lambda o: o.mask.sum(), default=None)
+
+
+def sees(seen: Judgement, kind: str, word: str) -> bool:
+    """Whether the judge reads `word`: as the background, or as the main object's colour or shape."""
+    if kind == "background":
+        return seen.background == word
+    main = main_object(seen)
+    return main is not None and getattr(main, kind) == word
+
+
+def layout_iou(a: Judgement, b: Judgement) -> float:
+    """IoU of the union of object masks of two images (1 when both are empty)."""
+    mask_a = np.zeros((64, 64), bool) if not a.objects else np.logical_or.reduce([o.mask for o in a.objects])
+    mask_b = np.zeros((64, 64), bool) if not b.objects else np.logical_or.reduce([o.mask for o in b.objects])
+    union = (mask_a | mask_b).sum()
+    return float((mask_a & mask_b).sum() / union) if union else 1.0
+
+
+def p2p_study(model, seeds: int, out: Path | None) -> dict:
+    """Word swaps with Prompt-to-Prompt and with plain regeneration from the same x_T."""
+    rows = []
+    for i in tqdm(range(seeds), desc="p2p"):
+        kind = SWAPS[i % len(SWAPS)]
+        source, target, _, new = swap_pair(np.random.default_rng([P2P_SEED, i]), kind)
+        controller = p2p.AttentionReplace(
+            [source, target],
+            STEPS,
+            cross_replace_steps=p2p.CROSS_REPLACE_STEPS,
+            self_replace_steps=p2p.SELF_REPLACE_STEPS,
+            tokenizer=model.tokenizer,
+            device=model.device,
+        )
+        generator = torch.Generator().manual_seed(P2P_SEED + i)
+        (src, edit), x_t = p2p.text2image_ldm(model, [source, target], controller, STEPS, GUIDANCE, generator)
+        (plain,), _ = p2p.text2image_ldm(model, [target], p2p.EmptyControl(), STEPS, GUIDANCE, latent=x_t)
+        seen_src, seen_edit, seen_plain = judge(src), judge(edit), judge(plain)
+        rows.append(
+            dict(
+                kind=kind,
+                p2p_success=sees(seen_edit, kind, new),
+                plain_success=sees(seen_plain, kind, new),
+                p2p_iou=layout_iou(seen_src, seen_edit),
+                plain_iou=layout_iou(seen_src, seen_plain),
+            )
+        )
+        if out is not None and i < 12:
+            tiles = [
+                ptp_utils.text_under_image(image, text)
+                for image, text in ((src, source), (edit, f"P2P: {target}"), (plain, f"plain: {target}"))
+            ]
+            ptp_utils.view_images(tiles, save_path=out / f"p2p_{i:03d}.png")
+
+    def mean(key: str, kind: str | None = None) -> float:
+        return float(np.mean([r[key] for r in rows if kind in (None, r["kind"])]))
+
+    report = {
+        "p2p_edit_success": mean("p2p_success"),
+        "plain_edit_success": mean("plain_success"),
+        "p2p_layout_iou": mean("p2p_iou"),
+        "plain_layout_iou": mean("plain_iou"),
+        "seeds": seeds,
+    }
+    for kind in SWAPS:
+        report[f"by_swap_{kind}"] = {
+            key: mean(key, kind) for key in ("p2p_success", "plain_success", "p2p_iou", "plain_iou")
+        }
+    return report
+
+
+def is_held_out(image: np.ndarray) -> bool:
+    """Whether the judge reads the image's main object as the held-out colour-shape pair."""
+    main = main_object(judge(image))
+    return main is not None and (main.colour, main.shape) == HELD_OUT
+
+
+def ti_study(model_id: str, samples: int, steps: int, work: Path) -> dict:
+    """Textual inversion of the held-out pair from TI_IMAGES rendered images, judged on `samples` samples."""
+    folder = work / "held_out_images"
+    save_held_out_images(folder, TI_IMAGES, TI_SEED)
+    pipe = ptp_utils.load_pipeline(model_id, device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    wrapper = ti.StableDiffusionWrapper(pipe)
+    config = ti.TextualInversionConfig(
+        target_folder=str(folder),
+        placeholder_tokens=[TI_TOKEN],
+        initializer_token=TI_INIT,
+        prompt_templates=TI_TEMPLATES,
+        learning_rate=TI_LR,
+        num_inversion_steps=steps,
+        batch_size=TI_BATCH,
+        gradient_accumulation_steps=1,
+        show_every=0,
+        checkpoint_every=0,
+        seed=TI_SEED,
+        output_dir=str(work / "textual_inversion"),
+        resolution=64,
+    )
+    ti.textual_inversion(wrapper, config)
+    seeds = [TI_SEED + i for i in range(samples)]
+    learned = pipeline_images(pipe, [f"a {TI_TOKEN}"] * samples, seeds)
+    initial = pipeline_images(pipe, [f"a {TI_INIT}"] * samples, seeds)
+    return {
+        "ti_success": float(np.mean([is_held_out(image) for image in learned])),
+        "init_success": float(np.mean([is_held_out(image) for image in initial])),
+        "ti_samples": samples,
+        "ti_steps": steps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default="shapes", help="the shipped model's short name, or a pipeline folder"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a few of each: checks the plumbing, not the model"
+    )
+    parser.add_argument("--seeds", type=int, default=P2P_SEEDS, help="Prompt-to-Prompt seeds")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    parser.add_argument("--figures", default="outputs/shapes_eval", help="folder for example edits")
+    parser.add_argument("--json", help="also write the JSON object to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    started = time.perf_counter()
+    figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    model = ptp_utils.load_pipeline(args.model, device="cpu", dtype=torch.float32)
+    model.set_progress_bar_config(disable=True)
+    report = {"model": args.model}
+    report |= adherence(model, 10 if args.quick else ADHERENCE_CAPTIONS)
+    print("adherence:", json.dumps(report), flush=True)
+    report |= p2p_study(model, 3 if args.quick else args.seeds, figures)
+    with tempfile.TemporaryDirectory() as work:
+        report |= ti_study(
+            args.model, 4 if args.quick else TI_SAMPLES, 5 if args.quick else TI_STEPS, Path(work)
+        )
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
