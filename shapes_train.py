@@ -352,7 +352,7 @@ def main() -> None:
         flag = "--" + f.name.replace("_", "-")
         kwargs = {"choices": sorted(PRESETS)} if f.name == "preset" else {}
         parser.add_argument(
-            flag, type=type(f.default), default=f.default, help=f"default {f.default}", **kwargs
+            flag, type=type(f.default), default=f.default, help=f"default {f.default!r}", **kwargs
         )
     args = vars(parser.parse_args())
     out, mixed_precision = args.pop("out"), args.pop("mixed_precision")
