@@ -33,7 +33,7 @@ CROSS_REPLACE_STEPS = 0.8
 SELF_REPLACE_STEPS = 0.4
 SOURCE_PROMPT = "photo of a cat riding on a bicycle."
 TARGET_PROMPT = "photo of a cat riding on a motorcycle."
-# The shipped Shapes World model knows only its captions' words: its demo edit is one of them.
+# The Shapes World model (models/shapes) knows only its captions' words: its demo edit uses them.
 SHAPES_SOURCE_PROMPT = "a large red circle on a black background"
 SHAPES_TARGET_PROMPT = "a large red star on a black background"
 # The paper stores and blends attention maps of at most 32x32 queries, and replaces
