@@ -38,6 +38,7 @@ from shapes_world import (  # noqa: E402
     BACKGROUNDS,
     COLOURS,
     HELD_OUT,
+    IMAGE_SIZE,
     SHAPES,
     SIZES,
     JudgedObject,
@@ -109,8 +110,8 @@ def adherence(model, n: int) -> dict:
     return {"adherence": hits / objects, "adherence_exact_images": exact / n, "adherence_objects": objects}
 
 
-def swap_pair(rng: np.random.Generator, kind: str) -> tuple[str, str, str, str]:
-    """A one-object source caption, its target with one word swapped, and the old and new word."""
+def swap_pair(rng: np.random.Generator, kind: str) -> tuple[str, str, str]:
+    """A one-object source caption, its target with one word swapped, and the new word."""
     colour, shape = HELD_OUT
     while (colour, shape) == HELD_OUT:
         colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
@@ -125,7 +126,7 @@ def swap_pair(rng: np.random.Generator, kind: str) -> tuple[str, str, str, str]:
         pair = (new, shape) if kind == "colour" else (colour, new) if kind == "shape" else (colour, shape)
         if pair != HELD_OUT:
             break
-    return source, source.replace(f" {old} ", f" {new} "), old, new
+    return source, source.replace(f" {old} ", f" {new} "), new
 
 
 def main_object(seen: Judgement) -> JudgedObject | None:
@@ -141,20 +142,27 @@ def sees(seen: Judgement, kind: str, word: str) -> bool:
     return main is not None and getattr(main, kind) == word
 
 
+def objects_mask(seen: Judgement) -> np.ndarray:
+    """Where the judge found any object: the union of the object masks."""
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    for obj in seen.objects:
+        mask |= obj.mask
+    return mask
+
+
 def layout_iou(a: Judgement, b: Judgement) -> float:
-    """IoU of the union of object masks of two images (1 when both are empty)."""
-    mask_a = np.zeros((64, 64), bool) if not a.objects else np.logical_or.reduce([o.mask for o in a.objects])
-    mask_b = np.zeros((64, 64), bool) if not b.objects else np.logical_or.reduce([o.mask for o in b.objects])
+    """IoU of the object masks of two images (1 when both are empty)."""
+    mask_a, mask_b = objects_mask(a), objects_mask(b)
     union = (mask_a | mask_b).sum()
     return float((mask_a & mask_b).sum() / union) if union else 1.0
 
 
-def p2p_study(model, seeds: int, out: Path | None) -> dict:
+def p2p_study(model, seeds: int, out: Path) -> dict:
     """Word swaps with Prompt-to-Prompt and with plain regeneration from the same x_T."""
     rows = []
     for i in tqdm(range(seeds), desc="p2p"):
         kind = SWAPS[i % len(SWAPS)]
-        source, target, _, new = swap_pair(np.random.default_rng([P2P_SEED, i]), kind)
+        source, target, new = swap_pair(np.random.default_rng([P2P_SEED, i]), kind)
         controller = p2p.AttentionReplace(
             [source, target],
             STEPS,
@@ -176,7 +184,7 @@ def p2p_study(model, seeds: int, out: Path | None) -> dict:
                 plain_iou=layout_iou(seen_src, seen_plain),
             )
         )
-        if out is not None and i < 12:
+        if i < 12:
             tiles = [
                 ptp_utils.text_under_image(image, text)
                 for image, text in ((src, source), (edit, f"P2P: {target}"), (plain, f"plain: {target}"))
@@ -226,7 +234,7 @@ def ti_study(model_id: str, samples: int, steps: int, work: Path) -> dict:
         checkpoint_every=0,
         seed=TI_SEED,
         output_dir=str(work / "textual_inversion"),
-        resolution=64,
+        resolution=IMAGE_SIZE,
     )
     ti.textual_inversion(wrapper, config)
     seeds = [TI_SEED + i for i in range(samples)]
@@ -252,7 +260,7 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, default=P2P_SEEDS, help="Prompt-to-Prompt seeds")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
-    parser.add_argument("--figures", default="outputs/shapes_eval", help="folder for example edits")
+    parser.add_argument("--figures", default="outputs/shapes_eval", help="folder for the first 12 edits")
     parser.add_argument("--json", help="also write the JSON object to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
