@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import compute_snr
 from PIL import Image
 
 import shapes_train
@@ -127,11 +128,31 @@ def test_one_training_step_of_text_encoder_and_unet(tiny_models, tokenizer):
     before_text = [p.detach().clone() for p in text_encoder.parameters()]
     optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=1e-3)
     scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
-    loss = shapes_train.diffusion_loss(unet, text_encoder, tokenizer, scheduler, latents, captions, 0.1)
+    loss = shapes_train.diffusion_loss(unet, text_encoder, tokenizer, scheduler, latents, captions, 0.1, 5.0)
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss)
     assert _changed(before_unet, unet) and _changed(before_text, text_encoder)
+
+
+def test_min_snr_weighting_lowers_only_the_nearly_clean_timesteps(tiny_models, tokenizer):
+    vae, text_encoder, unet = tiny_models
+    images, captions = sw.make_batch(0, range(16))
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mean
+    scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    max_snr = float(compute_snr(scheduler, torch.tensor([0])))
+
+    def loss(snr_gamma):
+        torch.manual_seed(3)  # the same timesteps, noise and dropped captions for every gamma
+        with torch.no_grad():
+            return shapes_train.diffusion_loss(
+                unet, text_encoder, tokenizer, scheduler, latents, captions, 0.1, snr_gamma
+            )
+
+    plain = loss(float("inf"))
+    assert loss(max_snr) == plain  # no timestep's SNR is above the cap: the plain noise loss
+    assert loss(5.0) < plain  # 16 timesteps drawn: some are nearly clean (SNR > 5) and weigh less
 
 
 def test_unknown_preset_is_a_clear_error(tokenizer):
