@@ -47,7 +47,7 @@ from ptp_utils import (
     offline_clip_tokenizer,
     tokenize_prompts,
 )
-from shapes_world import IMAGE_SIZE, judge_accuracy, make_batch, to_tensor
+from shapes_world import IMAGE_SIZE, judge_accuracy, make_batch, to_tensor, to_uint8
 
 LATENT_SIZE = 16
 LATENT_CHANNELS = 4
@@ -204,7 +204,7 @@ def reconstruction_accuracy(vae: AutoencoderKL, n: int, seed: int) -> float:
 
     def reconstruct(images):
         decoded = vae(to_tensor(images).to(vae.device, vae.dtype)).sample
-        return ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return to_uint8(decoded)
 
     return judge_accuracy(n, seed, reconstruct)["all"]
 

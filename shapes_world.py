@@ -246,6 +246,11 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """The inverse of to_tensor: (B, 3, H, W) in [-1, 1] (clipped) to uint8 (B, H, W, 3)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 class ShapesWorld(torch.utils.data.Dataset):
     """The training set as a torch Dataset of (image in [-1, 1], caption), drawn on the fly.
 

@@ -34,6 +34,11 @@ def test_judge_mask_covers_the_drawn_object():
     assert seen.objects[0].mask.sum() == 24 * 24
 
 
+def test_uint8_images_survive_the_round_trip_through_the_diffusers_range():
+    images = np.stack([sw.render(sw.sample_scene(sw.scene_rng(5, i))) for i in range(4)])
+    assert np.array_equal(sw.to_uint8(sw.to_tensor(images)), images)
+
+
 def test_judge_rejects_wrong_image_shape():
     with pytest.raises(ValueError, match=r"\(64, 64, 3\)"):
         sw.judge(np.zeros((32, 32, 3), dtype=np.uint8))
