@@ -12,7 +12,7 @@ from PIL import Image
 
 import shapes_train
 import shapes_world as sw
-from ptp_utils import SD_SCHEDULER_CONFIG
+from ptp_utils import SD_SCHEDULER_CONFIG, tokenize_prompts
 
 
 def test_judge_reads_ground_truth_images():
@@ -133,7 +133,8 @@ def test_one_training_step_of_text_encoder_and_unet(tiny_models, tokenizer):
     before_text = [p.detach().clone() for p in text_encoder.parameters()]
     optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=1e-3)
     scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
-    loss = shapes_train.diffusion_loss(unet, text_encoder, tokenizer, scheduler, latents, captions, 0.1, 5.0)
+    ids, empty = tokenize_prompts(tokenizer, captions), tokenize_prompts(tokenizer, [""])
+    loss = shapes_train.diffusion_loss(unet, text_encoder, scheduler, latents, ids, empty, 0.1, 5.0)
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss)
@@ -147,12 +148,13 @@ def test_min_snr_weighting_lowers_only_the_nearly_clean_timesteps(tiny_models, t
         latents = vae.encode(images).latent_dist.mean
     scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
     max_snr = float(compute_snr(scheduler, torch.tensor([0])))
+    ids, empty = tokenize_prompts(tokenizer, captions), tokenize_prompts(tokenizer, [""])
 
     def loss(snr_gamma):
         torch.manual_seed(3)  # the same timesteps, noise and dropped captions for every gamma
         with torch.no_grad():
             return shapes_train.diffusion_loss(
-                unet, text_encoder, tokenizer, scheduler, latents, captions, 0.1, snr_gamma
+                unet, text_encoder, scheduler, latents, ids, empty, 0.1, snr_gamma
             )
 
     plain = loss(float("inf"))
@@ -227,6 +229,13 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_run, tmp_path, monk
     assert whole.keys() == resumed.keys()
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], msg=key)
+
+
+def test_worker_processes_train_the_same_model(tiny_run, tmp_path):
+    with_workers = shapes_train.train(tmp_path, shapes_train.TrainConfig(**TINY_RUN), workers=2)
+    whole = _weights(StableDiffusionPipeline.from_pretrained(tiny_run))
+    for key, weight in _weights(StableDiffusionPipeline.from_pretrained(with_workers)).items():
+        torch.testing.assert_close(weight, whole[key], msg=key)
 
 
 def test_resume_refuses_another_configuration(tmp_path):
