@@ -1,0 +1,91 @@
+"""The shipped Shapes World model, models/shapes (issue 5): a standard diffusers folder that runs offline."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+
+import prompt2prompt as p2p
+import ptp_utils
+import shapes_world as sw
+
+MAX_FOLDER_BYTES = 25 * 10**6
+STEPS = 20  # "a few steps": adherence is measured at 50 (README), this checks the model draws at all
+SEEDS = 4
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    model = p2p.load_model("shapes", device="cpu")
+    model.set_progress_bar_config(disable=True)
+    return model
+
+
+def judged_pairs(image: np.ndarray) -> set[tuple[str, str]]:
+    """The (colour, shape) of every object the judge finds in a float image in [0, 1]."""
+    return {(o.colour, o.shape) for o in sw.judge((image * 255).round().astype(np.uint8)).objects}
+
+
+def test_the_folder_is_small_fp16_safetensors_with_sds_schedule():
+    folder = ptp_utils.SHAPES_MODEL_DIR
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < MAX_FOLDER_BYTES
+    weight_files = sorted(folder.glob("*/*.safetensors"))
+    assert [f.parent.name for f in weight_files] == ["text_encoder", "unet", "vae"]
+    for path in weight_files:
+        with safe_open(path, "pt") as weights:
+            assert {weights.get_slice(key).get_dtype() for key in weights.keys()} == {"F16"}, path
+    schedule = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert (schedule["beta_schedule"], schedule["beta_start"], schedule["beta_end"]) == (
+        "scaled_linear",
+        0.00085,
+        0.012,
+    )
+    assert schedule["num_train_timesteps"] == 1000
+
+
+def test_from_pretrained_loads_the_folder_as_load_model_does(shapes):
+    pipe = StableDiffusionPipeline.from_pretrained(ptp_utils.SHAPES_MODEL_DIR)
+    for part in ("unet", "text_encoder", "vae"):
+        loaded = getattr(shapes, part).state_dict()
+        for key, weight in getattr(pipe, part).state_dict().items():
+            assert torch.equal(loaded[key], weight), (part, key)
+
+
+@pytest.mark.parametrize("colour, shape", [("yellow", "star"), ("red", "circle")])
+def test_the_model_draws_the_captioned_object(shapes, colour, shape):
+    images = shapes(
+        [f"a large {colour} {shape}"] * SEEDS,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    found = [(colour, shape) in judged_pairs(image) for image in images]
+    assert sum(found) >= SEEDS - 1, found
+
+
+def test_prompt_to_prompt_swaps_the_shape_and_keeps_the_place_better_than_regeneration(shapes):
+    source, target = "a large yellow star", "a large yellow square"
+    edited, p2p_iou, plain_iou = [], [], []
+    for seed in range(SEEDS):
+        controller = p2p.AttentionReplace(
+            [source, target],
+            STEPS,
+            cross_replace_steps=p2p.CROSS_REPLACE_STEPS,
+            self_replace_steps=p2p.SELF_REPLACE_STEPS,
+            tokenizer=shapes.tokenizer,
+            device=shapes.device,
+        )
+        generator = torch.Generator().manual_seed(seed)
+        (src, edit), x_t = p2p.text2image_ldm(
+            shapes, [source, target], controller, STEPS, generator=generator
+        )
+        (plain,), _ = p2p.text2image_ldm(shapes, [target], p2p.EmptyControl(), STEPS, latent=x_t)
+        seen_src, seen_edit = sw.judge(src), sw.judge(edit)
+        edited.append(("yellow", "square") in {(o.colour, o.shape) for o in seen_edit.objects})
+        p2p_iou.append(sw.layout_iou(seen_src, seen_edit))
+        plain_iou.append(sw.layout_iou(seen_src, sw.judge(plain)))
+    assert sum(edited) >= SEEDS - 1, edited
+    assert np.mean(p2p_iou) > np.mean(plain_iou) + 0.1, (p2p_iou, plain_iou)
