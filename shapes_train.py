@@ -87,7 +87,7 @@ class TrainConfig:
 
     preset: str = "default"
     vae_steps: int = 2500
-    diffusion_steps: int = 2800
+    diffusion_steps: int = 5600  # adherence 14% at 1,400 steps, 24% at 2,800, 84% at 5,600 (README)
     vae_batch_size: int = 16
     batch_size: int = 32
     vae_lr: float = 2e-3
@@ -299,6 +299,7 @@ def train(out: str | Path, config: TrainConfig, mixed_precision: str = "no", wor
     start = 0
     if progress_file.exists():
         accelerator.load_state(checkpoint)
+        ema.to(accelerator.device)  # EMAModel.load_state_dict leaves the averages on the CPU
         start = json.loads(progress_file.read_text())["step"]
     total = config.vae_steps + config.diffusion_steps
     batches = torch.utils.data.DataLoader(

@@ -362,6 +362,21 @@ def judge(image: np.ndarray) -> Judgement:
     return Judgement(_nearest(BACKGROUNDS, background), objects)
 
 
+def objects_mask(seen: Judgement) -> np.ndarray:
+    """Where the judge found any object: the union of the object masks."""
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    for obj in seen.objects:
+        mask |= obj.mask
+    return mask
+
+
+def layout_iou(a: Judgement, b: Judgement) -> float:
+    """IoU of the object masks of two images (1 when both are empty)."""
+    mask_a, mask_b = objects_mask(a), objects_mask(b)
+    union = (mask_a | mask_b).sum()
+    return float((mask_a & mask_b).sum() / union) if union else 1.0
+
+
 def judge_accuracy(
     n: int = 2000, seed: int = 1, transform: Callable[[np.ndarray], np.ndarray] | None = None
 ) -> dict[str, float]:

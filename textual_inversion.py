@@ -46,6 +46,9 @@ WEIGHT_DECAY = 1e-2
 SHOW_EVERY = 500
 CHECKPOINT_EVERY = 500
 CHECKPOINTS_KEPT = 2
+# Reading the loss makes the CPU wait for the GPU; every step, it would stop the CPU from queueing
+# the next step's text-encoder work while the GPU still runs the UNet's backward pass.
+LOSS_DISPLAY_EVERY = 25
 VALIDATION_PROMPT = "a photo of {}"
 NUM_VALIDATION_IMAGES = 4
 NUM_SAMPLING_STEPS = 50
@@ -526,7 +529,8 @@ def textual_inversion(wrapper: StableDiffusionWrapper, config: TextualInversionC
                 total_loss += loss.detach()
         restore_frozen_rows(weight, original, is_placeholder)
         progress.step = step + 1
-        bar.set_postfix(loss=(total_loss / config.gradient_accumulation_steps).item())
+        if progress.step % LOSS_DISPLAY_EVERY == 0 or progress.step == config.num_inversion_steps:
+            bar.set_postfix(loss=(total_loss / config.gradient_accumulation_steps).item())
 
         if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
             save_checkpoint(accelerator, wrapper, config, progress.step)

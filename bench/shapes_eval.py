@@ -45,6 +45,7 @@ from shapes_world import (  # noqa: E402
     Judgement,
     ShapeObject,
     judge,
+    layout_iou,
     make_caption,
     sample_scene,
     save_held_out_images,
@@ -140,21 +141,6 @@ def sees(seen: Judgement, kind: str, word: str) -> bool:
         return seen.background == word
     main = main_object(seen)
     return main is not None and getattr(main, kind) == word
-
-
-def objects_mask(seen: Judgement) -> np.ndarray:
-    """Where the judge found any object: the union of the object masks."""
-    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
-    for obj in seen.objects:
-        mask |= obj.mask
-    return mask
-
-
-def layout_iou(a: Judgement, b: Judgement) -> float:
-    """IoU of the object masks of two images (1 when both are empty)."""
-    mask_a, mask_b = objects_mask(a), objects_mask(b)
-    union = (mask_a | mask_b).sum()
-    return float((mask_a & mask_b).sum() / union) if union else 1.0
 
 
 def p2p_study(model, seeds: int, out: Path) -> dict:

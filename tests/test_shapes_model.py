@@ -70,14 +70,8 @@ def test_prompt_to_prompt_swaps_the_shape_and_keeps_the_place_better_than_regene
     source, target = "a large yellow star", "a large yellow square"
     edited, p2p_iou, plain_iou = [], [], []
     for seed in range(SEEDS):
-        controller = p2p.AttentionReplace(
-            [source, target],
-            STEPS,
-            cross_replace_steps=p2p.CROSS_REPLACE_STEPS,
-            self_replace_steps=p2p.SELF_REPLACE_STEPS,
-            tokenizer=shapes.tokenizer,
-            device=shapes.device,
-        )
+        steps = (p2p.CROSS_REPLACE_STEPS, p2p.SELF_REPLACE_STEPS)  # the editor's defaults
+        controller = p2p.AttentionReplace([source, target], STEPS, *steps, tokenizer=shapes.tokenizer)
         generator = torch.Generator().manual_seed(seed)
         (src, edit), x_t = p2p.text2image_ldm(
             shapes, [source, target], controller, STEPS, generator=generator

@@ -34,6 +34,19 @@ def test_judge_mask_covers_the_drawn_object():
     assert seen.objects[0].mask.sum() == 24 * 24
 
 
+def test_layout_iou_of_two_squares_half_on_top_of_each_other():
+    def judged_square(x: float) -> sw.Judgement:
+        obj = sw.ShapeObject("blue", "square", "large", x=x, y=34.0, radius=12.0)
+        return sw.judge(sw.render(sw.Scene([obj], "white", "a large blue square")))
+
+    # Two 24x24 squares 12 pixels apart: 24x12 shared, 2 * 576 - 288 in all.
+    assert sw.layout_iou(judged_square(30.0), judged_square(42.0)) == pytest.approx(288 / 864)
+    assert sw.layout_iou(judged_square(30.0), judged_square(30.0)) == 1.0
+    empty = sw.judge(sw.render(sw.Scene([], "white", "")))
+    assert sw.layout_iou(empty, empty) == 1.0
+    assert sw.layout_iou(empty, judged_square(30.0)) == 0.0
+
+
 def test_uint8_images_survive_the_round_trip_through_the_diffusers_range():
     images = np.stack([sw.render(sw.sample_scene(sw.scene_rng(5, i))) for i in range(4)])
     assert np.array_equal(sw.to_uint8(sw.to_tensor(images)), images)
