@@ -24,9 +24,9 @@ def shapes():
     return model
 
 
-def judged_pairs(image: np.ndarray) -> set[tuple[str, str]]:
-    """The (colour, shape) of every object the judge finds in a float image in [0, 1]."""
-    return {(o.colour, o.shape) for o in sw.judge((image * 255).round().astype(np.uint8)).objects}
+def pairs(seen: sw.Judgement) -> set[tuple[str, str]]:
+    """The (colour, shape) of every object the judge found."""
+    return {(o.colour, o.shape) for o in seen.objects}
 
 
 def test_the_folder_is_small_fp16_safetensors_with_sds_schedule():
@@ -60,17 +60,16 @@ def test_the_model_draws_the_captioned_object(shapes, colour, shape):
         [f"a large {colour} {shape}"] * SEEDS,
         num_inference_steps=STEPS,
         generator=torch.Generator().manual_seed(0),
-        output_type="np",
     ).images
-    found = [(colour, shape) in judged_pairs(image) for image in images]
+    found = [(colour, shape) in pairs(sw.judge(np.asarray(image))) for image in images]
     assert sum(found) >= SEEDS - 1, found
 
 
 def test_prompt_to_prompt_swaps_the_shape_and_keeps_the_place_better_than_regeneration(shapes):
     source, target = "a large yellow star", "a large yellow square"
+    steps = (p2p.CROSS_REPLACE_STEPS, p2p.SELF_REPLACE_STEPS)  # the editor's defaults
     edited, p2p_iou, plain_iou = [], [], []
     for seed in range(SEEDS):
-        steps = (p2p.CROSS_REPLACE_STEPS, p2p.SELF_REPLACE_STEPS)  # the editor's defaults
         controller = p2p.AttentionReplace([source, target], STEPS, *steps, tokenizer=shapes.tokenizer)
         generator = torch.Generator().manual_seed(seed)
         (src, edit), x_t = p2p.text2image_ldm(
@@ -78,7 +77,7 @@ def test_prompt_to_prompt_swaps_the_shape_and_keeps_the_place_better_than_regene
         )
         (plain,), _ = p2p.text2image_ldm(shapes, [target], p2p.EmptyControl(), STEPS, latent=x_t)
         seen_src, seen_edit = sw.judge(src), sw.judge(edit)
-        edited.append(("yellow", "square") in {(o.colour, o.shape) for o in seen_edit.objects})
+        edited.append(("yellow", "square") in pairs(seen_edit))
         p2p_iou.append(sw.layout_iou(seen_src, seen_edit))
         plain_iou.append(sw.layout_iou(seen_src, sw.judge(plain)))
     assert sum(edited) >= SEEDS - 1, edited
