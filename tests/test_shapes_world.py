@@ -175,6 +175,18 @@ def test_min_snr_weighting_lowers_only_the_nearly_clean_timesteps(tiny_models, t
     assert loss(5.0) < plain  # 16 timesteps drawn: some are nearly clean (SNR > 5) and weigh less
 
 
+def test_offset_noise_shifts_each_image_channel_as_a_whole():
+    torch.manual_seed(0)
+    latents = torch.zeros(4096, 4, 16, 16)
+    for offset in (0.0, 0.3):
+        noise = shapes_train.offset_noise(latents, offset)
+        # A channel's mean over 256 values spreads 1/16 by itself; the shift adds offset^2 to its
+        # variance and leaves the spread within the channel at 1.
+        expected = (offset**2 + 1 / 256) ** 0.5
+        assert noise.mean(dim=(2, 3)).std() == pytest.approx(expected, rel=0.03)
+        assert (noise - noise.mean(dim=(2, 3), keepdim=True)).std() == pytest.approx(1.0, rel=0.01)
+
+
 def test_unknown_preset_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="choose one of"):
         shapes_train.build_models("huge", tokenizer)
@@ -266,6 +278,17 @@ def test_stage_two_can_reuse_a_trained_autoencoder(tiny_run, tmp_path):
     # Measured again on the reused weights, which the folder keeps in fp16.
     assert reused.vae.config.scaling_factor == pytest.approx(trained.vae.config.scaling_factor, rel=1e-2)
     assert json.loads((tmp_path / "progress.json").read_text()) == {"step": 2}
+
+
+def test_stage_two_can_start_from_a_trained_text_encoder_and_unet(tiny_run, tmp_path):
+    # At learning rate 0 the fine-tuned weights are the starting ones, to the bit (fp16 both ways).
+    config = shapes_train.TrainConfig(
+        **{**TINY_RUN, "vae_steps": 0, "vae_from": str(tiny_run), "denoiser_from": str(tiny_run)},
+        diffusion_lr=0.0,
+    )
+    tuned = _weights(StableDiffusionPipeline.from_pretrained(shapes_train.train(tmp_path, config)))
+    for key, weight in _weights(StableDiffusionPipeline.from_pretrained(tiny_run)).items():
+        assert torch.equal(tuned[key], weight), key
 
 
 def test_reusing_an_autoencoder_refuses_autoencoder_steps(tiny_run, tmp_path):
