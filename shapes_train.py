@@ -303,13 +303,11 @@ def train(out: str | Path, config: TrainConfig, mixed_precision: str = "no", wor
         trained = AutoencoderKL.from_pretrained(config.vae_from, subfolder="vae", torch_dtype=torch.float32)
         vae.load_state_dict(trained.state_dict())
     if config.denoiser_from:
-        folder = config.denoiser_from
-        text_encoder.load_state_dict(
-            CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float32).state_dict()
-        )
-        unet.load_state_dict(
-            UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).state_dict()
-        )
+        folder, fp32 = config.denoiser_from, torch.float32
+        trained_text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=fp32)
+        trained_unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=fp32)
+        text_encoder.load_state_dict(trained_text.state_dict())
+        unet.load_state_dict(trained_unet.state_dict())
     denoiser_params = [*unet.parameters(), *text_encoder.parameters()]
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
     diffusion_opt = torch.optim.AdamW(denoiser_params, lr=config.diffusion_lr)
