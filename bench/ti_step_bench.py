@@ -1,9 +1,11 @@
-"""Time per textual-inversion training step: our loop, the Python row-restore loop, a bare UNet pass.
+"""Time per textual-inversion training step: our loop, the Python row-restore loop, bare passes.
 
-All three run in one process on one machine, interleaved over several repeats, on the same batch
+All run in one process on one machine, interleaved over several repeats, on the same batch
 shape. A loop's time per step is the difference between a long and a short run of
 `textual_inversion()` divided by the extra steps, so set-up (adding tokens, encoding the images,
-saving) cancels out. The bare pass is UNet forward + backward to the prompt embeddings only.
+saving) cancels out. The bare passes: UNet forward + backward to the prompt embeddings only, and
+the text encoder's forward, the UNet's and back through both to the input embeddings, the work a
+textual-inversion step cannot avoid. `--profile N` prints where N steps of our loop spend time.
 
     python bench/ti_step_bench.py                                   # tiny pipeline, CPU
     python bench/ti_step_bench.py --model sd1-random --mixed-precision fp16 --resolution 512
@@ -22,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +85,22 @@ def time_training(base: StableDiffusionPipeline, args, folder: Path, steps: int)
     return seconds
 
 
+def half_precision_text_encoder(prepare: Callable) -> Callable:
+    """`prepare_for_textual_inversion`, then the text encoder's frozen layers cast to the
+    mixed-precision dtype: only the embeddings stay fp32 (a variant under test)."""
+
+    def prepare_half(wrapper: ti.StableDiffusionWrapper, config: ti.TextualInversionConfig):
+        optimizer = prepare(wrapper, config)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+        trained = wrapper.text_encoder.get_input_embeddings().weight
+        for parameter in wrapper.text_encoder.parameters():
+            if parameter is not trained:
+                parameter.data = parameter.data.to(dtype)
+        return optimizer
+
+    return prepare_half
+
+
 def time_per_step(base, args, folder) -> float:
     extra = args.long_steps - args.short_steps
     return (
@@ -90,25 +109,71 @@ def time_per_step(base, args, folder) -> float:
     ) / extra
 
 
-def time_bare_unet(
-    unet: UNet2DConditionModel, batch_size: int, latent_size: int, text_dim: int, steps: int
+def time_bare_pass(
+    unet: UNet2DConditionModel,
+    batch_size: int,
+    latent_size: int,
+    steps: int,
+    text_encoder: torch.nn.Module | None = None,
+    token_ids: torch.Tensor | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> float:
-    """Seconds per UNet forward + backward to fp32 prompt embeddings, as `predict_noise` casts them."""
+    """Seconds per UNet forward + backward, either to fp32 prompt embeddings (as `predict_noise`
+    casts them) or, given a text encoder, through it to its input embeddings (under autocast, as
+    accelerate runs the trained text encoder): the work a textual-inversion step cannot avoid."""
     device = unet.device
     noisy = torch.randn(batch_size, 4, latent_size, latent_size, device=device)
     noise = torch.randn_like(noisy)
     timesteps = torch.randint(1000, (batch_size,), device=device)
-    embeddings = torch.randn(batch_size, 77, text_dim, device=device, requires_grad=True)
+    leaf = torch.randn(batch_size, 77, unet.config.cross_attention_dim, device=device, requires_grad=True)
     synchronize()
     start = time.perf_counter()
     for _ in range(steps):
+        embeddings = leaf
+        if text_encoder is not None:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                embeddings = text_encoder(token_ids)[0]
         prediction = unet(
             noisy.to(unet.dtype), timesteps, encoder_hidden_states=embeddings.to(unet.dtype)
         ).sample
         F.mse_loss(prediction.float(), noise).backward()
-        embeddings.grad = None
+        leaf.grad = None
+        if text_encoder is not None:
+            text_encoder.get_input_embeddings().weight.grad = None
     synchronize()
     return (time.perf_counter() - start) / steps
+
+
+def profile_training(base, args, folder: Path) -> None:
+    """Profile `args.profile` steps of our loop (after 4 unprofiled ones) and print where the time goes.
+
+    The profiler advances once per step through `restore_frozen_rows`, which the loop calls once
+    per optimizer step. CUDA's synchronising calls are counted: each one stalls the CPU until the
+    GPU is idle, so the next step's kernels start late.
+    """
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    restore = ti.restore_frozen_rows
+    with profile(activities=activities, schedule=schedule(wait=2, warmup=2, active=args.profile)) as prof:
+
+        def restore_and_advance(*restore_args) -> None:
+            restore(*restore_args)
+            prof.step()
+
+        ti.restore_frozen_rows = restore_and_advance
+        try:
+            time_training(base, args, folder, 4 + args.profile + 1)
+        finally:
+            ti.restore_frozen_rows = restore
+    events = prof.key_averages()
+    sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=25))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_ms = sum(e.self_device_time_total for e in kernels) / args.profile / 1000
+    syncs = {e.key: e.count for e in events if "Synchronize" in e.key or "Memcpy" in e.key}
+    print(f"GPU kernel time per profiled step: {kernel_ms:.1f} ms; synchronising and copying calls: {syncs}")
 
 
 def main() -> None:
@@ -124,6 +189,15 @@ def main() -> None:
     parser.add_argument("--long-steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-python-loop", action="store_true", help="it costs seconds per step on SD")
+    parser.add_argument(
+        "--loss-every-step", action="store_true", help="also time our loop reading the loss every step"
+    )
+    parser.add_argument(
+        "--half-text-encoder",
+        action="store_true",
+        help="also time our loop with the text encoder's frozen layers in the mixed-precision dtype",
+    )
+    parser.add_argument("--profile", type=int, default=0, help="profile this many steps of our loop")
     args = parser.parse_args()
 
     base = ptp_utils.load_pipeline(args.model, device="cpu", dtype=torch.float32)
@@ -134,11 +208,15 @@ def main() -> None:
     bare_unet = copy.deepcopy(base.unet).to(device).requires_grad_(False)
     if weight_dtype != torch.float32:  # as textual_inversion() casts the frozen UNet
         bare_unet.to(weight_dtype)
-    bare_shape = (
-        args.batch_size,
-        args.resolution // base.vae_scale_factor,
-        base.text_encoder.config.hidden_size,
-    )
+    bare_shape = (args.batch_size, args.resolution // base.vae_scale_factor)
+    # The text encoder as textual_inversion() trains it: fp32, only the input embeddings trainable.
+    bare_text_encoder = copy.deepcopy(base.text_encoder).to(device).requires_grad_(False)
+    bare_text_encoder.get_input_embeddings().requires_grad_(True)
+    token_ids = base.tokenizer(
+        ["a photo of a ball"] * args.batch_size, padding="max_length", return_tensors="pt"
+    ).input_ids.to(device)
+    autocast_dtype = weight_dtype if weight_dtype != torch.float32 else None
+    text_and_unet = dict(text_encoder=bare_text_encoder, token_ids=token_ids, autocast_dtype=autocast_dtype)
 
     with tempfile.TemporaryDirectory() as folder:
         rng = np.random.default_rng(0)
@@ -146,21 +224,43 @@ def main() -> None:
             pixels = rng.integers(0, 256, (args.resolution, args.resolution, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(Path(folder) / f"{i}.png")
 
-        time_bare_unet(bare_unet, *bare_shape, steps=3)  # warm-up: CUDA context, cuDNN algorithm choice
+        time_bare_pass(bare_unet, *bare_shape, steps=3)  # warm-up: CUDA context, cuDNN algorithm choice
+        time_bare_pass(bare_unet, *bare_shape, steps=3, **text_and_unet)
         restore = ti.restore_frozen_rows
-        results = {"ours": [], "python_loop": [], "bare_unet": []}
+        results = {
+            "ours": [],
+            "ours_loss_every_step": [],
+            "ours_half_text_encoder": [],
+            "python_loop": [],
+            "bare_unet": [],
+            "bare_text_unet": [],
+        }
         for _ in range(args.repeats):
             bare_steps = args.long_steps - args.short_steps
-            results["bare_unet"].append(time_bare_unet(bare_unet, *bare_shape, bare_steps))
+            results["bare_unet"].append(time_bare_pass(bare_unet, *bare_shape, bare_steps))
+            results["bare_text_unet"].append(
+                time_bare_pass(bare_unet, *bare_shape, bare_steps, **text_and_unet)
+            )
             results["ours"].append(time_per_step(base, args, Path(folder)))
+            if args.loss_every_step:
+                display_every, ti.LOSS_DISPLAY_EVERY = ti.LOSS_DISPLAY_EVERY, 1
+                results["ours_loss_every_step"].append(time_per_step(base, args, Path(folder)))
+                ti.LOSS_DISPLAY_EVERY = display_every
+            if args.half_text_encoder:
+                prepare = ti.prepare_for_textual_inversion
+                ti.prepare_for_textual_inversion = half_precision_text_encoder(prepare)
+                results["ours_half_text_encoder"].append(time_per_step(base, args, Path(folder)))
+                ti.prepare_for_textual_inversion = prepare
             if not args.skip_python_loop:
                 ti.restore_frozen_rows = python_loop_restore
                 results["python_loop"].append(time_per_step(base, args, Path(folder)))
                 ti.restore_frozen_rows = restore
 
+        if args.profile:
+            profile_training(base, args, Path(folder))
         peak = None
         if torch.cuda.is_available():
-            del bare_unet
+            del bare_unet, bare_text_encoder, text_and_unet
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             time_training(base, args, Path(folder), args.short_steps)
@@ -176,10 +276,14 @@ def main() -> None:
     )
     print(f"device {name}; median of {args.repeats} repeats, {args.long_steps - args.short_steps} steps each")
     bare = statistics.median(results["bare_unet"])
+    bare_text = statistics.median(results["bare_text_unet"])
     for key, values in results.items():
         if values:
             seconds = statistics.median(values)
-            print(f"{key:12s} {seconds * 1000:10.1f} ms/step   {seconds / bare:6.2f} x bare UNet fwd+bwd")
+            print(
+                f"{key:20s} {seconds * 1000:10.1f} ms/step   {seconds / bare:6.2f} x bare UNet fwd+bwd"
+                f"   {seconds / bare_text:6.2f} x bare text encoder + UNet"
+            )
     if peak is not None:
         print(f"peak GPU memory of a training run: {peak:.2f} GiB")
 
