@@ -170,7 +170,12 @@ def profile_training(base, args, folder: Path) -> None:
     sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(events.table(sort_by=sort, row_limit=25))
     print(events.table(sort_by="self_cpu_time_total", row_limit=15))
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    # The profiler's GPU-side step markers span whole steps: only the kernels count as busy time.
+    kernels = [
+        e
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith("ProfilerStep")
+    ]
     kernel_ms = sum(e.self_device_time_total for e in kernels) / args.profile / 1000
     syncs = {e.key: e.count for e in events if "Synchronize" in e.key or "Memcpy" in e.key}
     print(f"GPU kernel time per profiled step: {kernel_ms:.1f} ms; synchronising and copying calls: {syncs}")
@@ -274,15 +279,17 @@ def main() -> None:
     print(
         f"model {args.model}, {args.resolution} px, batch {args.batch_size}, precision {args.mixed_precision}"
     )
-    print(f"device {name}; median of {args.repeats} repeats, {args.long_steps - args.short_steps} steps each")
+    steps = args.long_steps - args.short_steps
+    print(f"device {name}; median (min-max) of {args.repeats} repeats, {steps} steps each")
     bare = statistics.median(results["bare_unet"])
     bare_text = statistics.median(results["bare_text_unet"])
     for key, values in results.items():
         if values:
             seconds = statistics.median(values)
+            spread = f"{min(values) * 1000:.1f}-{max(values) * 1000:.1f}"
             print(
-                f"{key:20s} {seconds * 1000:10.1f} ms/step   {seconds / bare:6.2f} x bare UNet fwd+bwd"
-                f"   {seconds / bare_text:6.2f} x bare text encoder + UNet"
+                f"{key:22s} {seconds * 1000:7.1f} ms/step ({spread})   {seconds / bare:5.2f} x bare UNet"
+                f" fwd+bwd   {seconds / bare_text:5.2f} x bare text encoder + UNet"
             )
     if peak is not None:
         print(f"peak GPU memory of a training run: {peak:.2f} GiB")
