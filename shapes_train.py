@@ -96,7 +96,7 @@ class TrainConfig:
     kl_weight: float = 1e-3
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
-    noise_offset: float = 0.0  # 0.3 for the shipped model's fine-tuning stage (README, run 8)
+    noise_offset: float = 0.0  # 0.3 for the shipped model's fine-tuning stages (README, runs 8 and 9)
     ema_max_decay: float = 0.999
     checkpoint_every: int = 250
     reconstruction_check: int = 200  # images whose reconstructions the judge reads after stage 1
@@ -190,7 +190,7 @@ def offset_noise(latents: torch.Tensor, offset: float) -> torch.Tensor:
     0.3, against the 1/16 spread of the mean of 16x16 noise values, leaves that mean telling next
     to nothing about the image. Trained with it from the start (run 7) the model drew every
     captioned background but fewer of the captioned objects, so the shipped model had it only in
-    a fine-tuning stage (run 8).
+    a fine-tuning stage (runs 8 and 9).
     """
     noise = torch.randn_like(latents)
     return noise + offset * torch.randn(*latents.shape[:2], 1, 1, device=latents.device, dtype=latents.dtype)
