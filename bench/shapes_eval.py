@@ -63,8 +63,8 @@ P2P_SEEDS = 120
 SWAPS = ("colour", "shape", "background")
 PARTS = ("adherence", "p2p", "ti")
 # Self-attention injection keeps the source's structure, and on this model the background is part
-# of it: a background swap is a global edit, made without it (24 background swaps of run 8: 21%
-# succeed with the default 0.4, 54% with 0, layout IoU 0.77 and 0.61).
+# of it: a background swap is a global edit, made without it (README, run 8's 40 background swaps:
+# 30% succeed with the editor's 0.4, 62.5% with 0).
 SELF_REPLACE_STEPS = {"colour": p2p.SELF_REPLACE_STEPS, "shape": p2p.SELF_REPLACE_STEPS, "background": 0.0}
 TI_IMAGES = 5
 TI_SAMPLES = 100
@@ -155,13 +155,12 @@ def sees(seen: Judgement, kind: str, word: str) -> bool:
 
 
 def p2p_study(
-    model, seeds: int, out: Path, swaps: tuple[str, ...] = SWAPS, self_replace: dict | None = None
+    model, seeds: int, out: Path, swaps: tuple[str, ...] = SWAPS, self_replace: dict = SELF_REPLACE_STEPS
 ) -> dict:
     """Word swaps with Prompt-to-Prompt and with plain regeneration from the same x_T.
 
     Seed i swaps a word of kind SWAPS[i % 3]; `swaps` keeps those of some kinds (the same seeds).
     """
-    self_replace = self_replace or SELF_REPLACE_STEPS
     rows = []
     for i in tqdm(range(seeds), desc="p2p"):
         kind = SWAPS[i % len(SWAPS)]
@@ -234,7 +233,7 @@ def ti_study(
     stops = list(range(every, steps, every)) + [steps] if every else [steps]
     success_by_step = {}
     for stop in stops:
-        # A fresh pipeline each time: the placeholder token is added anew and its row restored.
+        # A fresh pipeline each time: the placeholder tokens are added anew, their rows resumed.
         pipe = ptp_utils.load_pipeline(model_id, device="cpu", dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         config = ti.TextualInversionConfig(
