@@ -18,13 +18,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shapes_eval import pipeline_images  # noqa: E402
+from shapes_eval import load_cpu_model, pipeline_images  # noqa: E402
 
-import ptp_utils  # noqa: E402
 from shapes_world import BACKGROUNDS, judge  # noqa: E402
 
 SEEDS = 24
@@ -61,9 +59,7 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, default=SEEDS, help="starting noises per caption")
     args = parser.parse_args()
-    model = ptp_utils.load_pipeline(args.model, device="cpu", dtype=torch.float32)
-    model.set_progress_bar_config(disable=True)
-    print(json.dumps({"model": args.model} | background_report(model, args.seeds)))
+    print(json.dumps({"model": args.model} | background_report(load_cpu_model(args.model), args.seeds)))
 
 
 if __name__ == "__main__":

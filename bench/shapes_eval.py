@@ -81,6 +81,13 @@ TI_BATCH = 8
 ADHERENCE_SEED, P2P_SEED, TI_SEED = 101, 202, 303
 
 
+def load_cpu_model(model_id: str):
+    """A Shapes World pipeline (short name or folder) in fp32 on the CPU, its progress bars off."""
+    model = ptp_utils.load_pipeline(model_id, device="cpu", dtype=torch.float32)
+    model.set_progress_bar_config(disable=True)
+    return model
+
+
 def pipeline_images(model, prompts: list[str], seeds: list[int]) -> np.ndarray:
     """uint8 images (B, 64, 64, 3), one per prompt, prompt i from the noise that seeds[i] draws."""
     images = []
@@ -234,8 +241,7 @@ def ti_study(
     success_by_step = {}
     for stop in stops:
         # A fresh pipeline each time: the placeholder tokens are added anew, their rows resumed.
-        pipe = ptp_utils.load_pipeline(model_id, device="cpu", dtype=torch.float32)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_cpu_model(model_id)
         config = ti.TextualInversionConfig(
             target_folder=str(folder),
             placeholder_tokens=ti.multi_vector_tokens(TI_TOKEN, vectors),
@@ -310,8 +316,7 @@ def main() -> None:
     started = time.perf_counter()
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
-    model = ptp_utils.load_pipeline(args.model, device="cpu", dtype=torch.float32)
-    model.set_progress_bar_config(disable=True)
+    model = load_cpu_model(args.model)
     report = {"model": args.model}
     if "adherence" in args.parts:
         report |= adherence(model, 10 if args.quick else ADHERENCE_CAPTIONS)
