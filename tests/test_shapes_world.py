@@ -218,6 +218,13 @@ def tiny_run(tmp_path_factory):
     return shapes_train.train(tmp_path_factory.mktemp("whole"), shapes_train.TrainConfig(**TINY_RUN))
 
 
+@pytest.fixture(scope="module")
+def tiny_finetuned_run(tmp_path_factory):
+    """The same, with two steps of stage 3 (fine-tuning with offset noise): its folder."""
+    config = shapes_train.TrainConfig(**TINY_RUN, finetune_steps=2)
+    return shapes_train.train(tmp_path_factory.mktemp("finetuned"), config)
+
+
 def test_train_saves_a_pipeline_that_from_pretrained_loads(tiny_run):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_run)
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
@@ -232,25 +239,28 @@ def test_train_saves_a_pipeline_that_from_pretrained_loads(tiny_run):
     assert json.loads((tiny_run.parent / "progress.json").read_text()) == {"step": 4}
 
 
-def test_interrupted_training_resumes_to_the_same_model(tiny_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("finetune_steps", [0, 2])
+def test_interrupted_training_resumes_to_the_same_model(finetune_steps, request, tmp_path, monkeypatch):
     calls = []
     real_make_batch = shapes_train.make_batch
+    last_step = 3 + finetune_steps
 
     def make_batch_then_stop(seed, indices):
         calls.append(indices)
-        # Calls: steps 0, 1, 2, the latent scaling factor, step 3: stop at the last step.
-        if len(calls) == 5:
+        # Calls: steps 0, 1, 2, the latent scaling factor, then one a step: stop at the last step.
+        if len(calls) == last_step + 2:
             raise KeyboardInterrupt
         return real_make_batch(seed, indices)
 
-    config = shapes_train.TrainConfig(**TINY_RUN)
+    config = shapes_train.TrainConfig(**TINY_RUN, finetune_steps=finetune_steps)
     monkeypatch.setattr(shapes_train, "make_batch", make_batch_then_stop)
     with pytest.raises(KeyboardInterrupt):
         shapes_train.train(tmp_path, config)
-    assert json.loads((tmp_path / "progress.json").read_text()) == {"step": 3}
+    assert json.loads((tmp_path / "progress.json").read_text()) == {"step": last_step}
     monkeypatch.setattr(shapes_train, "make_batch", real_make_batch)
     resumed = _weights(StableDiffusionPipeline.from_pretrained(shapes_train.train(tmp_path, config)))
-    whole = _weights(StableDiffusionPipeline.from_pretrained(tiny_run))
+    uninterrupted = request.getfixturevalue("tiny_finetuned_run" if finetune_steps else "tiny_run")
+    whole = _weights(StableDiffusionPipeline.from_pretrained(uninterrupted))
     assert whole.keys() == resumed.keys()
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], msg=key)
@@ -289,6 +299,17 @@ def test_stage_two_can_start_from_a_trained_text_encoder_and_unet(tiny_run, tmp_
     tuned = _weights(StableDiffusionPipeline.from_pretrained(shapes_train.train(tmp_path, config)))
     for key, weight in _weights(StableDiffusionPipeline.from_pretrained(tiny_run)).items():
         assert torch.equal(tuned[key], weight), key
+
+
+def test_fine_tuning_starts_from_the_averaged_weights_of_stage_two(tiny_run, tiny_finetuned_run, tmp_path):
+    # At learning rate 0, stage 3 keeps what it starts from: stage 2's EMA weights, which are what a
+    # run without stage 3 saves (to the bit, fp16 both ways); at its learning rate it moves them.
+    config = shapes_train.TrainConfig(**TINY_RUN, finetune_steps=2, finetune_lr=0.0)
+    frozen = _weights(StableDiffusionPipeline.from_pretrained(shapes_train.train(tmp_path, config)))
+    tuned = _weights(StableDiffusionPipeline.from_pretrained(tiny_finetuned_run))
+    for key, weight in _weights(StableDiffusionPipeline.from_pretrained(tiny_run)).items():
+        assert torch.equal(frozen[key], weight), key
+    assert not torch.equal(tuned["unet.conv_in.weight"], frozen["unet.conv_in.weight"])
 
 
 def test_reusing_an_autoencoder_refuses_autoencoder_steps(tiny_run, tmp_path):
