@@ -20,14 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 import ptp_utils
 import seq_aligner
+from ptp_utils import GUIDANCE_SCALE, NUM_DIFFUSION_STEPS
 
 DEFAULT_MODEL_ID = ptp_utils.DEFAULT_MODEL_ID
-NUM_DIFFUSION_STEPS = 50
-GUIDANCE_SCALE = 7.5
 SEED = 8888
 CROSS_REPLACE_STEPS = 0.8
 SELF_REPLACE_STEPS = 0.4
@@ -74,6 +74,7 @@ class AttentionControl(abc.ABC):
         self.reset()
 
     def reset(self) -> None:
+        """Back to step 0, layer 0: before every new generation."""
         self.cur_step = 0
         self.cur_att_layer = 0
 
@@ -83,10 +84,11 @@ class AttentionControl(abc.ABC):
         return self.num_att_layers if self.low_resource else 0
 
     def step_callback(self, x_t: torch.Tensor) -> torch.Tensor:
+        """Called with the latents after each denoising step; an edit may change them (local blend)."""
         return x_t
 
     def between_steps(self) -> None:
-        pass
+        """Called once every attention layer of a step has run."""
 
     def needs_attention(self, is_cross: bool, place_in_unet: str, num_queries: int) -> bool:
         """Whether the next layer must materialise its attention probabilities for `forward`."""
@@ -162,6 +164,7 @@ class AttentionStore(AttentionControl):
         self.step_store = self.get_empty_store()
 
     def get_average_attention(self) -> dict[str, list[torch.Tensor]]:
+        """The stored maps of each place in the UNet, averaged over the steps so far."""
         return {key: [item / self.cur_step for item in maps] for key, maps in self.attention_store.items()}
 
 
@@ -240,6 +243,7 @@ class AttentionControlEdit(AttentionStore, abc.ABC):
         self.local_blend = local_blend
 
     def step_callback(self, x_t: torch.Tensor) -> torch.Tensor:
+        """Local blending, where asked: the edit keeps the source's latents outside the words' region."""
         if self.local_blend is not None:
             x_t = self.local_blend(x_t, self.attention_store)
         return x_t
@@ -259,6 +263,7 @@ class AttentionControlEdit(AttentionStore, abc.ABC):
         return self.replaces_self_attention_now() and num_queries <= MAX_SELF_REPLACE_QUERIES
 
     def replace_self_attention(self, attn_base: torch.Tensor, att_replace: torch.Tensor) -> torch.Tensor:
+        """Self-attention injection: every prompt takes the source's maps, at the layers small enough."""
         if att_replace.shape[2] <= MAX_SELF_REPLACE_QUERIES:
             return attn_base.unsqueeze(0).expand(att_replace.shape[0], *attn_base.shape)
         return att_replace
@@ -323,7 +328,7 @@ def encode_text(model: StableDiffusionPipeline, prompts: list[str]) -> torch.Ten
 @torch.no_grad()
 def text2image_ldm(
     model: StableDiffusionPipeline,
-    prompt: list[str],
+    prompt: str | list[str],
     controller: AttentionControl,
     num_inference_steps: int = NUM_DIFFUSION_STEPS,
     guidance_scale: float = GUIDANCE_SCALE,
@@ -385,8 +390,11 @@ def run_and_display(
     guidance_scale: float = GUIDANCE_SCALE,
     save_path: str | Path | None = None,
     low_resource: bool = False,
-):
-    """Generate and show the images side by side, each prompt written under its image."""
+) -> tuple[Image.Image, np.ndarray, torch.Tensor]:
+    """Generate and show the images side by side, each prompt written under its image.
+
+    Returns the captioned grid, the uint8 images and x_T (to reuse the same noise).
+    """
     images, x_t = text2image_ldm(
         model,
         prompts,
@@ -403,7 +411,12 @@ def run_and_display(
 
 def parse_steps(value: str) -> float | tuple[float, float]:
     """A replace-steps argument: "0.8" or "0.2,0.8"."""
-    numbers = tuple(float(v) for v in value.split(","))
+    try:
+        numbers = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        numbers = ()
+    if len(numbers) not in (1, 2):
+        raise argparse.ArgumentTypeError(f'{value!r}: give a fraction such as "0.8" or a range "0.2,0.8"')
     return numbers[0] if len(numbers) == 1 else numbers
 
 

@@ -12,6 +12,7 @@ import argparse
 import gzip
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,11 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from seq_aligner import get_word_inds
 
+if TYPE_CHECKING:  # the controllers are prompt2prompt's, which imports this module
+    from diffusers.models.attention_processor import Attention, AttentionProcessor
+
+    from prompt2prompt import AttentionControl, AttentionStore
+
 # Stable Diffusion 1.x's noise schedule and DDIM settings, shared by every pipeline we build.
 SD_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
@@ -45,6 +51,8 @@ SD_SCHEDULER_CONFIG = dict(
     steps_offset=1,
 )
 DEFAULT_MODEL_ID = "CompVis/stable-diffusion-v1-4"
+NUM_DIFFUSION_STEPS = 50
+GUIDANCE_SCALE = 7.5  # classifier-free guidance, Stable Diffusion's usual
 SHAPES_MODEL_DIR = Path(__file__).resolve().parent / "models" / "shapes"
 # Short names of pipelines that need no download.
 OFFLINE_MODELS = {
@@ -218,8 +226,9 @@ def load_pipeline(
     if model_id == "shapes":
         if not (SHAPES_MODEL_DIR / "model_index.json").exists():
             raise OSError(
-                f"No Shapes World model in {SHAPES_MODEL_DIR}: train one with `python shapes_train.py --out "
-                f"outputs/shapes_run` and copy outputs/shapes_run/pipeline there, or pass a pipeline folder."
+                f"No Shapes World model in {SHAPES_MODEL_DIR}: train one with the commands under "
+                f'"The full run" in README.md (shapes_train.py) and copy its OUT/pipeline folder there, '
+                f"or pass a pipeline folder."
             )
         model_id = str(SHAPES_MODEL_DIR)
     elif model_id in OFFLINE_MODELS:
@@ -253,12 +262,20 @@ class P2PAttnProcessor:
     Written for the transformer blocks of Stable Diffusion's UNet (inputs of shape (B, N, C)).
     """
 
-    def __init__(self, controller, place_in_unet: str, is_cross: bool):
+    def __init__(self, controller: AttentionControl, place_in_unet: str, is_cross: bool):
         self.controller = controller
         self.place_in_unet = place_in_unet
         self.is_cross = is_cross
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """The layer's attention output; the controller sees (and may edit) the probabilities."""
         batch_size, num_queries, _ = hidden_states.shape
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
@@ -286,11 +303,12 @@ class AttentionControlRegistration:
     """What `register_attention_control` returns: `remove()` (or leaving a `with` block) restores
     the UNet's original attention processors."""
 
-    def __init__(self, unet, original_processors: dict):
+    def __init__(self, unet: UNet2DConditionModel, original_processors: dict[str, AttentionProcessor]):
         self.unet = unet
         self.original_processors = original_processors
 
     def remove(self) -> None:
+        """Put the UNet's own attention processors back."""
         self.unet.set_attn_processor(dict(self.original_processors))
 
     def __enter__(self) -> AttentionControlRegistration:
@@ -300,7 +318,9 @@ class AttentionControlRegistration:
         self.remove()
 
 
-def register_attention_control(model: StableDiffusionPipeline, controller) -> AttentionControlRegistration:
+def register_attention_control(
+    model: StableDiffusionPipeline, controller: AttentionControl
+) -> AttentionControlRegistration:
     """Route every attention layer of the UNet through `controller` (P2P's hook into the model).
 
     Each layer gets a processor that knows its place (down/mid/up) and whether it is self- or
@@ -326,7 +346,7 @@ def register_attention_control(model: StableDiffusionPipeline, controller) -> At
 
 def diffusion_step(
     model: StableDiffusionPipeline,
-    controller,
+    controller: AttentionControl,
     latents: torch.Tensor,
     context: torch.Tensor,
     t: torch.Tensor,
@@ -516,7 +536,12 @@ def view_images(
 
 
 def aggregate_attention(
-    attention_store, prompts: list[str], res: int, from_where: list[str], is_cross: bool, select: int
+    attention_store: AttentionStore,
+    prompts: list[str],
+    res: int,
+    from_where: list[str],
+    is_cross: bool,
+    select: int,
 ) -> torch.Tensor:
     """Average attention maps of prompt `select` over heads, steps and the chosen layers at `res` x `res`.
 
@@ -540,7 +565,7 @@ def aggregate_attention(
 
 
 def show_cross_attention(
-    attention_store,
+    attention_store: AttentionStore,
     prompts: list[str],
     tokenizer: CLIPTokenizer,
     res: int,
@@ -576,24 +601,42 @@ def show_cross_attention(
 
 
 @torch.no_grad()
+def generate_images(
+    model: StableDiffusionPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    num_inference_steps: int = NUM_DIFFUSION_STEPS,
+    guidance_scale: float = GUIDANCE_SCALE,
+    negative_prompt: str | None = None,
+    batch_size: int = 1,
+) -> np.ndarray:
+    """uint8 images (B, H, W, 3) from diffusers' own pipeline, prompt i from the noise that seeds[i]
+    draws, `batch_size` prompts per pipeline call (the images do not depend on it)."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        out = model(
+            batch,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(batch),
+            generator=[torch.Generator().manual_seed(s) for s in seeds[start : start + batch_size]],
+            output_type="np",
+        ).images
+        images.append((out * 255).round().astype(np.uint8))
+    return np.concatenate(images)
+
+
 def generate(
     model: StableDiffusionPipeline,
     prompt: str,
     seed: int,
     num_inference_steps: int,
-    guidance_scale: float = 7.5,
+    guidance_scale: float = GUIDANCE_SCALE,
     negative_prompt: str | None = None,
 ) -> np.ndarray:
     """One image (uint8, H x W x 3) from diffusers' own pipeline, from the noise that `seed` draws."""
-    image = model(
-        prompt,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        negative_prompt=negative_prompt,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-    ).images[0]
-    return (image * 255).round().astype(np.uint8)
+    return generate_images(model, [prompt], [seed], num_inference_steps, guidance_scale, negative_prompt)[0]
 
 
 def scheduler_grid(
@@ -602,7 +645,7 @@ def scheduler_grid(
     seed: int,
     step_counts: tuple[int, ...] = SCHEDULER_GRID_STEPS,
     schedulers: tuple[str, ...] = tuple(SCHEDULERS),
-    guidance_scale: float = 7.5,
+    guidance_scale: float = GUIDANCE_SCALE,
     save_path: str | Path | None = None,
 ) -> Image.Image:
     """One prompt and one seed, with the number of steps as rows and the sampler as columns.
@@ -632,8 +675,8 @@ def negative_prompt_pair(
     prompt: str,
     negative_prompt: str,
     seed: int,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    num_inference_steps: int = NUM_DIFFUSION_STEPS,
+    guidance_scale: float = GUIDANCE_SCALE,
     save_path: str | Path | None = None,
 ) -> Image.Image:
     """The same noise and prompt without and with a negative prompt, side by side, prompts written under."""

@@ -54,6 +54,8 @@ from shapes_world import IMAGE_SIZE, judge_accuracy, make_batch, to_tensor, to_u
 
 LATENT_SIZE = 16
 LATENT_CHANNELS = 4
+# Offsets of the run's seed for the data streams outside training, so that none repeats a batch.
+SCALING_SEED_OFFSET, RECONSTRUCTION_SEED_OFFSET = 1, 2
 SCALING_BATCH = 256  # images whose latents set the VAE's scaling_factor (SD: 0.18215, found the same way)
 # Model sizes. "default" is the shipped model; "tiny" is for tests and smoke runs.
 PRESETS = {
@@ -244,7 +246,7 @@ def diffusion_loss(
 @torch.no_grad()
 def latent_scaling_factor(vae: AutoencoderKL, seed: int) -> float:
     """1 / std of the latents, so that the diffusion model sees unit-variance data (SD's 0.18215)."""
-    images, _ = make_batch(seed + 1, range(SCALING_BATCH))
+    images, _ = make_batch(seed + SCALING_SEED_OFFSET, range(SCALING_BATCH))
     # Its own generator, so that a resumed run finds the same factor as an uninterrupted one.
     generator = torch.Generator(vae.device).manual_seed(seed)
     return float(1 / vae.encode(images.to(vae.device)).latent_dist.sample(generator).std())
@@ -307,6 +309,10 @@ def train(out: str | Path, config: TrainConfig, mixed_precision: str = "no", wor
 
     `workers` DataLoader processes draw the batches ahead of the model (0: in this process).
     """
+    if not config.vae_steps and not config.vae_from:
+        raise ValueError("stage 2 needs a trained autoencoder: give --vae-steps N or --vae-from FOLDER")
+    if config.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be at least 1 step, got {config.checkpoint_every}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config_file, progress_file, checkpoint = out / "config.json", out / "progress.json", out / "checkpoint"
@@ -404,7 +410,9 @@ def train(out: str | Path, config: TrainConfig, mixed_precision: str = "no", wor
                 vae.requires_grad_(False).eval()
                 scaling_factor = latent_scaling_factor(vae, config.seed)
                 if step == config.vae_steps and config.reconstruction_check:
-                    accuracy = reconstruction_accuracy(vae, config.reconstruction_check, config.seed + 2)
+                    accuracy = reconstruction_accuracy(
+                        vae, config.reconstruction_check, config.seed + RECONSTRUCTION_SEED_OFFSET
+                    )
                     bar.write(
                         f"autoencoder done: the judge reads {accuracy:.1%} of objects right in its output"
                     )

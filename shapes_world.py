@@ -208,7 +208,7 @@ def save_held_out_images(folder: str | Path, n: int = 5, seed: int = 0) -> list[
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{HELD_OUT[0]}_{HELD_OUT[1]}_{i}.png" for i in range(n)]
     for i, path in enumerate(paths):
-        Image.fromarray(render(held_out_scene(np.random.default_rng([seed, i])))).save(path)
+        Image.fromarray(render(held_out_scene(scene_rng(seed, i)))).save(path)
     return paths
 
 

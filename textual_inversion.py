@@ -51,8 +51,8 @@ CHECKPOINTS_KEPT = 2
 LOSS_DISPLAY_EVERY = 25
 VALIDATION_PROMPT = "a photo of {}"
 NUM_VALIDATION_IMAGES = 4
-NUM_SAMPLING_STEPS = 50
-GUIDANCE_SCALE = 7.5
+NUM_SAMPLING_STEPS = ptp_utils.NUM_DIFFUSION_STEPS
+GUIDANCE_SCALE = ptp_utils.GUIDANCE_SCALE
 
 # The prompt templates of the original implementation (and of diffusers' training script).
 OBJECT_TEMPLATES = [
@@ -139,6 +139,8 @@ def multi_vector_tokens(token: str, num_vectors: int) -> list[str]:
     `load_textual_inversion` stores a (num_vectors, dim) embedding under `token` as the tokens
     `token, token_1, ..., token_{n-1}`, and the pipeline expands `token` in a prompt into all of them.
     """
+    if num_vectors < 1:
+        raise ValueError(f"a concept needs at least one vector, got {num_vectors}")
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 

@@ -25,7 +25,7 @@ import math
 import pickle
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +37,13 @@ from tqdm import tqdm
 
 OUT_DIR = "outputs/vae"
 DATA_DIR = str(Path.home() / ".cache" / "mnist")
-IMAGE_PIXELS = 28 * 28
+IMAGE_SIDE = 28
+IMAGE_PIXELS = IMAGE_SIDE * IMAGE_SIDE
 GRID_SIZE = 8  # the course plots 8 x 8 = 64 samples
 SAMPLE_EPOCHS = (0, 10)  # grids before training and after 10 epochs; the last epoch is always added
 TEST_BINARIZATION_SEED = 0  # one fixed draw of the test set, the same for every run
 EVAL_SEED = 1234  # the same reparameterisation noise for every test evaluation
+IW_SAMPLES = 5000  # K of the final importance-weighted estimate of -log p(x)
 IW_BATCH_ROWS = 32768  # images x samples per decoder pass in the importance-weighted estimate
 CHECKPOINT = "checkpoint.pt"
 
@@ -185,12 +187,14 @@ class VAE(nn.Module):
                 self.decoder[-1].bias.copy_(torch.logit(data_mean.float().clamp(1e-3, 1 - 1e-3)))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder q(z|x): mean and log-variance of a diagonal Gaussian over the latent."""
         mu, logvar = self.encoder(x).chunk(2, dim=-1)
         return mu, logvar
 
     def reparameterize(
         self, mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
+        """The reparameterisation trick: z = mu + sigma * eps, differentiable in mu and logvar."""
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + eps * torch.exp(0.5 * logvar)
 
@@ -201,6 +205,7 @@ class VAE(nn.Module):
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode, sample one z, decode: the pixel logits and the posterior's mu and logvar."""
         mu, logvar = self.encode(x)
         return self.decode(self.reparameterize(mu, logvar, generator)), mu, logvar
 
@@ -276,7 +281,7 @@ def sample(model: VAE, n: int = GRID_SIZE**2, generator: torch.Generator | None 
     """Step 4: n images from the prior, shown as their Bernoulli means, shape (n, 28, 28) in [0, 1]."""
     device = next(model.parameters()).device
     z = torch.randn((n, model.latent_dim), generator=generator, device=device)
-    return torch.sigmoid(model.decode(z)).reshape(n, 28, 28)
+    return torch.sigmoid(model.decode(z)).reshape(n, IMAGE_SIDE, IMAGE_SIDE)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, padding: int = 2) -> None:
@@ -285,9 +290,9 @@ def save_grid(images: torch.Tensor, path: str | Path, padding: int = 2) -> None:
         raise ValueError(
             f"save_grid expects {GRID_SIZE**2} images for an {GRID_SIZE}x{GRID_SIZE} grid, got {len(images)}"
         )
-    images = images.reshape(GRID_SIZE, GRID_SIZE, 28, 28).cpu()
+    images = images.reshape(GRID_SIZE, GRID_SIZE, IMAGE_SIDE, IMAGE_SIDE).cpu()
     images = F.pad(images, (padding, 0, padding, 0))  # padding above and left of every tile ...
-    grid = images.permute(0, 2, 1, 3).reshape(GRID_SIZE * (28 + padding), -1)
+    grid = images.permute(0, 2, 1, 3).reshape(GRID_SIZE * (IMAGE_SIDE + padding), -1)
     grid = F.pad(grid, (0, padding, 0, padding))  # ... and once below and right of the last ones
     Image.fromarray((grid.numpy() * 255).round().astype(np.uint8), mode="L").save(path)
 
@@ -303,7 +308,7 @@ def latent_manifold(model: VAE, path: str | Path, dims: tuple[int, int] = (0, 1)
     z = torch.zeros(GRID_SIZE**2, model.latent_dim, device=device)
     z[:, dims[0]] = values.repeat_interleave(GRID_SIZE)
     z[:, dims[1]] = values.repeat(GRID_SIZE)
-    save_grid(torch.sigmoid(model.decode(z)).reshape(-1, 28, 28), path)
+    save_grid(torch.sigmoid(model.decode(z)).reshape(-1, IMAGE_SIDE, IMAGE_SIDE), path)
 
 
 @torch.no_grad()
@@ -313,8 +318,10 @@ def reconstructions(model: VAE, x: torch.Tensor, path: str | Path) -> None:
     x = x[:half].to(next(model.parameters()).device)
     mu, _ = model.encode(x)
     recon = torch.sigmoid(model.decode(mu))
-    rows = torch.stack([x.reshape(-1, GRID_SIZE, 784), recon.reshape(-1, GRID_SIZE, 784)], dim=1)
-    save_grid(rows.reshape(-1, 28, 28), path)
+    rows = torch.stack(
+        [x.reshape(-1, GRID_SIZE, IMAGE_PIXELS), recon.reshape(-1, GRID_SIZE, IMAGE_PIXELS)], dim=1
+    )
+    save_grid(rows.reshape(-1, IMAGE_SIDE, IMAGE_SIDE), path)
 
 
 def plot_losses(history: list[dict[str, float]], path: str | Path) -> None:
@@ -495,7 +502,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
-        "--iw-samples", type=int, default=5000, help="K for the final -log p(x) estimate; 0 skips it"
+        "--iw-samples", type=int, default=IW_SAMPLES, help="K for the final -log p(x) estimate; 0 skips it"
     )
     parser.add_argument("--out", default=OUT_DIR)
     parser.add_argument("--data-dir", default=DATA_DIR, help="where torchvision downloads MNIST")
@@ -509,18 +516,29 @@ def main() -> None:
     if args.resume:
         if not (out / CHECKPOINT).is_file():
             parser.error(f"--resume: no checkpoint at {out / CHECKPOINT}; run without --resume first")
-        config = load_config(out / CHECKPOINT)
-    else:
-        config = VAEConfig(
-            latent_dim=args.latent_dim,
-            hidden=tuple(args.hidden),
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            kl_warmup_epochs=args.kl_warmup_epochs,
-            static_binarization=args.static_binarization,
-            seed=args.seed,
-        )
+    config = VAEConfig(
+        latent_dim=args.latent_dim,
+        hidden=tuple(args.hidden),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        kl_warmup_epochs=args.kl_warmup_epochs,
+        static_binarization=args.static_binarization,
+        seed=args.seed,
+    )
+    if args.resume:
+        saved = load_config(out / CHECKPOINT)
+        ignored = [
+            "--" + f.name.replace("_", "-")
+            for f in fields(VAEConfig)
+            if getattr(config, f.name) not in (getattr(defaults, f.name), getattr(saved, f.name))
+        ]
+        if ignored:
+            parser.error(
+                f"--resume continues with the checkpoint's settings; drop {', '.join(ignored)} "
+                "or train into a new --out"
+            )
+        config = saved
     train_images, test_images = load_mnist(args.data_dir)
     model, history, seconds = train(config, train_images, test_images, out, args.device, args.resume)
     plot_losses(history, out / "loss.png")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -55,8 +56,8 @@ from shapes_world import (  # noqa: E402
     scene_rng,
 )
 
-STEPS = 50
-GUIDANCE = 7.5
+STEPS = ptp_utils.NUM_DIFFUSION_STEPS
+GUIDANCE = ptp_utils.GUIDANCE_SCALE
 BATCH = 25  # captions per pipeline call
 ADHERENCE_CAPTIONS = 200
 P2P_SEEDS = 120
@@ -81,27 +82,16 @@ TI_BATCH = 8
 ADHERENCE_SEED, P2P_SEED, TI_SEED = 101, 202, 303
 
 
-def load_cpu_model(model_id: str):
+def load_cpu_model(model_id: str) -> StableDiffusionPipeline:
     """A Shapes World pipeline (short name or folder) in fp32 on the CPU, its progress bars off."""
     model = ptp_utils.load_pipeline(model_id, device="cpu", dtype=torch.float32)
     model.set_progress_bar_config(disable=True)
     return model
 
 
-def pipeline_images(model, prompts: list[str], seeds: list[int]) -> np.ndarray:
-    """uint8 images (B, 64, 64, 3), one per prompt, prompt i from the noise that seeds[i] draws."""
-    images = []
-    for start in range(0, len(prompts), BATCH):
-        generators = [torch.Generator().manual_seed(s) for s in seeds[start : start + BATCH]]
-        out = model(
-            prompts[start : start + BATCH],
-            num_inference_steps=STEPS,
-            guidance_scale=GUIDANCE,
-            generator=generators,
-            output_type="np",
-        ).images
-        images.append((out * 255).round().astype(np.uint8))
-    return np.concatenate(images)
+def pipeline_images(model: StableDiffusionPipeline, prompts: list[str], seeds: list[int]) -> np.ndarray:
+    """The evaluation's images (STEPS DDIM steps, guidance GUIDANCE), prompt i from the noise of seeds[i]."""
+    return ptp_utils.generate_images(model, prompts, seeds, STEPS, GUIDANCE, batch_size=BATCH)
 
 
 def matched_objects(wanted: list[tuple[str, str]], seen: Judgement) -> int:
@@ -115,7 +105,7 @@ def matched_objects(wanted: list[tuple[str, str]], seen: Judgement) -> int:
     return hits
 
 
-def adherence(model, n: int) -> dict:
+def adherence(model: StableDiffusionPipeline, n: int) -> dict:
     """Share of captioned objects (colour and shape) that the judge finds in the generated images."""
     scenes = [sample_scene(scene_rng(ADHERENCE_SEED, i)) for i in range(n)]
     images = pipeline_images(model, [s.caption for s in scenes], [ADHERENCE_SEED + i for i in range(n)])
@@ -162,7 +152,11 @@ def sees(seen: Judgement, kind: str, word: str) -> bool:
 
 
 def p2p_study(
-    model, seeds: int, out: Path, swaps: tuple[str, ...] = SWAPS, self_replace: dict = SELF_REPLACE_STEPS
+    model: StableDiffusionPipeline,
+    seeds: int,
+    out: Path,
+    swaps: tuple[str, ...] = SWAPS,
+    self_replace: dict = SELF_REPLACE_STEPS,
 ) -> dict:
     """Word swaps with Prompt-to-Prompt and with plain regeneration from the same x_T.
 

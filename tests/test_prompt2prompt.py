@@ -278,6 +278,13 @@ def test_command_line_writes_the_side_by_side_edit(tmp_path):
         p2p.main(["--model", "tiny", "--steps", "3", "--out", str(out), "--target", "a dog"])
 
 
+@pytest.mark.parametrize("value", ["0.2,0.5,0.8", "most"])
+def test_replace_steps_other_than_a_fraction_or_a_range_are_refused(value, capsys):
+    with pytest.raises(SystemExit):
+        p2p.main(["--model", "tiny", "--cross-replace-steps", value])
+    assert 'give a fraction such as "0.8" or a range "0.2,0.8"' in capsys.readouterr().err
+
+
 def test_unreachable_model_says_how_to_proceed_offline():
     with pytest.raises(OSError, match="(?s)needs internet.*offline models: 'tiny'"):
         p2p.load_model("no-such-user/no-such-model", device="cpu")

@@ -312,6 +312,16 @@ def test_fine_tuning_starts_from_the_averaged_weights_of_stage_two(tiny_run, tin
     assert not torch.equal(tuned["unet.conv_in.weight"], frozen["unet.conv_in.weight"])
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(dict(vae_steps=0), "--vae-steps N or --vae-from FOLDER"), (dict(checkpoint_every=0), "at least 1")],
+)
+def test_settings_that_cannot_train_are_refused(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        shapes_train.train(tmp_path, shapes_train.TrainConfig(**{**TINY_RUN, **overrides}))
+    assert not (tmp_path / "config.json").exists()
+
+
 def test_reusing_an_autoencoder_refuses_autoencoder_steps(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="--vae-steps 0"):
         shapes_train.train(tmp_path, shapes_train.TrainConfig(**{**TINY_RUN, "vae_from": str(tiny_run)}))

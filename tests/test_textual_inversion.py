@@ -95,6 +95,11 @@ def test_a_missing_or_empty_folder_is_an_error(tmp_path):
         ti.UnlabeledImageFolderDataset(tmp_path)
 
 
+def test_a_concept_of_no_vectors_is_refused():
+    with pytest.raises(ValueError, match="at least one vector"):
+        ti.multi_vector_tokens(TOKEN, 0)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

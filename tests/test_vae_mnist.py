@@ -212,7 +212,7 @@ def test_resume_without_checkpoint_says_what_to_do(tmp_path, mnist):
         vae_mnist.train(TINY, mnist[0][:100], mnist[1][:100], tmp_path, resume=True)
 
 
-def test_command_line_writes_grids_curve_and_metrics(mnist, tmp_path, monkeypatch):
+def test_command_line_writes_grids_curve_and_metrics(mnist, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(vae_mnist, "load_mnist", lambda data_dir: (mnist[0][:500], mnist[1][:100]))
     argv = ["vae_mnist.py", "--epochs", "2", "--hidden", "32", "--iw-samples", "20", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
@@ -231,3 +231,9 @@ def test_command_line_writes_grids_curve_and_metrics(mnist, tmp_path, monkeypatc
     vae_mnist.main()
     again = json.loads((tmp_path / "metrics.json").read_text())
     assert again == metrics
+
+    # Settings other than the checkpoint's are refused with --resume, not silently dropped.
+    monkeypatch.setattr(sys, "argv", ["vae_mnist.py", "--resume", "--epochs", "3", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        vae_mnist.main()
+    assert "drop --epochs" in capsys.readouterr().err
