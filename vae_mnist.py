@@ -513,9 +513,6 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.out)
-    if args.resume:
-        if not (out / CHECKPOINT).is_file():
-            parser.error(f"--resume: no checkpoint at {out / CHECKPOINT}; run without --resume first")
     config = VAEConfig(
         latent_dim=args.latent_dim,
         hidden=tuple(args.hidden),
@@ -527,6 +524,8 @@ def main() -> None:
         seed=args.seed,
     )
     if args.resume:
+        if not (out / CHECKPOINT).is_file():
+            parser.error(f"--resume: no checkpoint at {out / CHECKPOINT}; run without --resume first")
         saved = load_config(out / CHECKPOINT)
         ignored = [
             "--" + f.name.replace("_", "-")
