@@ -101,9 +101,7 @@ class TrainConfig:
     kl_weight: float = 1e-3
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
-    noise_offset: float = (
-        0.0  # stage 2's; 0.3 for the shipped model's fine-tuning runs (README, runs 8 and 9)
-    )
+    noise_offset: float = 0.0  # stage 2's; runs 8 and 9 (fine-tuning runs) used 0.3
     finetune_steps: int = 0  # stage 3: fine-tuning from stage 2's EMA weights, fresh optimizer and EMA
     finetune_lr: float = 3e-4
     finetune_noise_offset: float = 0.3
