@@ -11,7 +11,7 @@ Issue 5, part 3. Three parts, in up to three stages of one run:
 The data (shapes_world.py) is drawn on the fly: batch k of the run is items k*B..(k+1)*B-1 of
 the data set, so an interrupted run resumes on exactly the batches it had not seen.
 
-The run saves its state (weights, optimisers, learning-rate schedules, EMA, RNG) to DIR/checkpoint
+The run saves its state (weights, optimisers, learning-rate schedules, EMA, RNG) to DIR/checkpoint-STEP
 every --checkpoint-every steps and resumes from it when started again with the same --out; at
 the end it writes a standard diffusers pipeline folder, DIR/pipeline, in fp16 safetensors.
 
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, fields
@@ -57,6 +59,8 @@ LATENT_CHANNELS = 4
 # Offsets of the run's seed for the data streams outside training, so that none repeats a batch.
 SCALING_SEED_OFFSET, RECONSTRUCTION_SEED_OFFSET = 1, 2
 SCALING_BATCH = 256  # images whose latents set the VAE's scaling_factor (SD: 0.18215, found the same way)
+# Reading the loss waits for the GPU; every step, that keeps the CPU from queueing the next one.
+LOSS_DISPLAY_EVERY = 25
 # Model sizes. "default" is the shipped model; "tiny" is for tests and smoke runs.
 PRESETS = {
     "default": dict(
@@ -301,11 +305,37 @@ def report_timing(
     print("timing:", json.dumps(report))
 
 
-def train(out: str | Path, config: TrainConfig, mixed_precision: str = "no", workers: int = 0) -> Path:
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int) -> None:
+    """Save the run's state after `step` steps to out/checkpoint-STEP, then record it in out/progress.json.
+
+    The record is replaced in one rename after the folder is complete, and only then is the previous
+    folder deleted: a run killed while saving resumes from the previous checkpoint, never from a
+    half-written one or from a new state under an old step.
+    """
+    progress_file = out / "progress.json"
+    previous = json.loads(progress_file.read_text())["checkpoint"] if progress_file.exists() else None
+    folder = f"checkpoint-{step}"
+    accelerator.save_state(out / folder)
+    partial = out / "progress.json.partial"
+    partial.write_text(json.dumps({"step": step, "checkpoint": folder}))
+    os.replace(partial, progress_file)
+    if previous not in (None, folder):
+        shutil.rmtree(out / previous)
+
+
+def train(
+    out: str | Path,
+    config: TrainConfig,
+    mixed_precision: str = "no",
+    workers: int = 0,
+    compile_models: bool = False,
+) -> Path:
     """Stage 1 (autoencoder), stage 2 (text encoder and UNet), stage 3 (their fine-tuning with offset
-    noise); resumes from out/checkpoint.
+    noise); resumes from the checkpoint that out/progress.json names.
 
     `workers` DataLoader processes draw the batches ahead of the model (0: in this process).
+    `compile_models` runs the text encoder and UNet through torch.compile: on a GPU a step of this small
+    model is bound by the CPU launching kernels, and compiling fuses many of them into one.
     """
     if not config.vae_steps and not config.vae_from:
         raise ValueError("stage 2 needs a trained autoencoder: give --vae-steps N or --vae-from FOLDER")
@@ -313,7 +343,7 @@ def train(out: str | Path, config: TrainConfig, mixed_precision: str = "no", wor
         raise ValueError(f"--checkpoint-every must be at least 1 step, got {config.checkpoint_every}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config_file, progress_file, checkpoint = out / "config.json", out / "progress.json", out / "checkpoint"
+    config_file, progress_file = out / "config.json", out / "progress.json"
     if config_file.exists() and json.loads(config_file.read_text()) != asdict(config):
         raise ValueError(f"{out} holds a run with another configuration ({config_file}): use a new --out")
     config_file.write_text(json.dumps(asdict(config), indent=1))
@@ -355,15 +385,25 @@ def train(out: str | Path, config: TrainConfig, mixed_precision: str = "no", wor
         dict(zip(stages, prepared[: len(stages)])),
         dict(zip(stages, prepared[len(stages) :])),
     )
-    ema = EMAModel(denoiser_params, decay=config.ema_max_decay, use_ema_warmup=True)  # on their device
+
+    def fresh_ema() -> EMAModel:
+        # foreach: a few multi-tensor kernels per update on a GPU, not three per tensor.
+        return EMAModel(denoiser_params, decay=config.ema_max_decay, use_ema_warmup=True, foreach=True)
+
+    ema = fresh_ema()  # on the parameters' device
     accelerator.register_for_checkpointing(ema)
     noise_scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    if compile_models:
+        # In place, so that parameter names, checkpoints and the saved folder stay as without it.
+        text_encoder.compile()
+        unet.compile()
 
     start = 0
     if progress_file.exists():
-        accelerator.load_state(checkpoint)
+        progress = json.loads(progress_file.read_text())
+        accelerator.load_state(out / progress["checkpoint"])
         ema.to(accelerator.device)  # EMAModel.load_state_dict leaves the averages on the CPU
-        start = json.loads(progress_file.read_text())["step"]
+        start = progress["step"]
     first_finetune_step = config.vae_steps + config.diffusion_steps
     total = first_finetune_step + config.finetune_steps
     batches = torch.utils.data.DataLoader(
@@ -389,7 +429,8 @@ def train(out: str | Path, config: TrainConfig, mixed_precision: str = "no", wor
     seconds = {name: [] for name in stages}
     started = time.perf_counter(), time.process_time()
     for step, (images, input_ids) in enumerate(bar, start):
-        images, input_ids = images.to(accelerator.device), input_ids.to(accelerator.device)
+        images = images.to(accelerator.device, non_blocking=True)
+        input_ids = input_ids.to(accelerator.device, non_blocking=True)
         stage = (
             "vae" if step < config.vae_steps else "diffusion" if step < first_finetune_step else "finetune"
         )
@@ -401,9 +442,7 @@ def train(out: str | Path, config: TrainConfig, mixed_precision: str = "no", wor
                 # Fine-tuning starts from the averaged weights, which is what stage 2 would have
                 # saved, with a fresh average (as runs 8 and 9 did from a saved folder).
                 ema.copy_to(denoiser_params)
-                ema.load_state_dict(
-                    EMAModel(denoiser_params, decay=config.ema_max_decay, use_ema_warmup=True).state_dict()
-                )
+                ema.load_state_dict(fresh_ema().state_dict())
             if scaling_factor is None:
                 vae.requires_grad_(False).eval()
                 scaling_factor = latent_scaling_factor(vae, config.seed)
@@ -434,11 +473,11 @@ def train(out: str | Path, config: TrainConfig, mixed_precision: str = "no", wor
         optimizers[stage].zero_grad()
         if stage != "vae":
             ema.step(denoiser_params)
-        bar.set_postfix(stage=stage, loss=f"{loss.item():.4f}")
+        if (step + 1) % LOSS_DISPLAY_EVERY == 0:
+            bar.set_postfix(stage=stage, loss=f"{loss.item():.4f}", refresh=False)
         seconds[stage].append((time.perf_counter() - started[0], time.process_time() - started[1]))
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
-            accelerator.save_state(checkpoint)
-            progress_file.write_text(json.dumps({"step": step + 1}))
+            save_checkpoint(accelerator, out, step + 1)
         started = time.perf_counter(), time.process_time()
 
     report_timing(seconds, config, accelerator.device, out / "timing.json")
@@ -473,6 +512,11 @@ def main() -> None:
         help="autocast on a GPU (accelerate)",
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the text encoder and UNet (on a GPU; minutes to compile on a CPU)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=0,
@@ -486,8 +530,9 @@ def main() -> None:
         )
     args = vars(parser.parse_args())
     out, mixed_precision, workers = args.pop("out"), args.pop("mixed_precision"), args.pop("workers")
+    compile_models = args.pop("compile")
     torch.set_num_threads(args.pop("threads"))
-    train(out, TrainConfig(**args), mixed_precision, workers)
+    train(out, TrainConfig(**args), mixed_precision, workers, compile_models)
 
 
 if __name__ == "__main__":

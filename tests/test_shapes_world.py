@@ -236,7 +236,11 @@ def test_train_saves_a_pipeline_that_from_pretrained_loads(tiny_run):
     assert image.shape == (64, 64, 3)
     on_disk = StableDiffusionPipeline.from_pretrained(tiny_run, torch_dtype=torch.float16)
     assert on_disk.unet.dtype == torch.float16
-    assert json.loads((tiny_run.parent / "progress.json").read_text()) == {"step": 4}
+    assert json.loads((tiny_run.parent / "progress.json").read_text()) == {
+        "step": 4,
+        "checkpoint": "checkpoint-4",
+    }
+    assert sorted(p.name for p in tiny_run.parent.glob("checkpoint*")) == ["checkpoint-4"]
 
 
 @pytest.mark.parametrize("finetune_steps", [0, 2])
@@ -256,7 +260,7 @@ def test_interrupted_training_resumes_to_the_same_model(finetune_steps, request,
     monkeypatch.setattr(shapes_train, "make_batch", make_batch_then_stop)
     with pytest.raises(KeyboardInterrupt):
         shapes_train.train(tmp_path, config)
-    assert json.loads((tmp_path / "progress.json").read_text()) == {"step": last_step}
+    assert json.loads((tmp_path / "progress.json").read_text())["step"] == last_step
     monkeypatch.setattr(shapes_train, "make_batch", real_make_batch)
     resumed = _weights(StableDiffusionPipeline.from_pretrained(shapes_train.train(tmp_path, config)))
     uninterrupted = request.getfixturevalue("tiny_finetuned_run" if finetune_steps else "tiny_run")
@@ -264,6 +268,41 @@ def test_interrupted_training_resumes_to_the_same_model(finetune_steps, request,
     assert whole.keys() == resumed.keys()
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], msg=key)
+
+
+def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(tiny_run, tmp_path, monkeypatch):
+    real_save_state = shapes_train.Accelerator.save_state
+    saves = []
+
+    def save_then_stop(accelerator, folder):
+        saves.append(folder)
+        real_save_state(accelerator, folder)
+        if len(saves) == 3:  # the state after step 3 is on disk, but not yet recorded as the checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(shapes_train.Accelerator, "save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        shapes_train.train(tmp_path, shapes_train.TrainConfig(**TINY_RUN))
+    assert json.loads((tmp_path / "progress.json").read_text())["step"] == 2
+    monkeypatch.setattr(shapes_train.Accelerator, "save_state", real_save_state)
+    resumed = _weights(
+        StableDiffusionPipeline.from_pretrained(
+            shapes_train.train(tmp_path, shapes_train.TrainConfig(**TINY_RUN))
+        )
+    )
+    for key, weight in _weights(StableDiffusionPipeline.from_pretrained(tiny_run)).items():
+        torch.testing.assert_close(resumed[key], weight, msg=key)
+
+
+def test_compiled_models_train_the_same_model(tiny_run, tmp_path, monkeypatch):
+    # Dynamo's graph capture, run by the eager backend (inductor takes minutes on a CPU): the
+    # compiled text encoder and UNet keep their parameter names and compute what they did.
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module: real_compile(module, backend="eager"))
+    compiled = shapes_train.train(tmp_path, shapes_train.TrainConfig(**TINY_RUN), compile_models=True)
+    whole = _weights(StableDiffusionPipeline.from_pretrained(tiny_run))
+    for key, weight in _weights(StableDiffusionPipeline.from_pretrained(compiled)).items():
+        torch.testing.assert_close(weight, whole[key], msg=key)
 
 
 def test_worker_processes_train_the_same_model(tiny_run, tmp_path):
@@ -287,7 +326,7 @@ def test_stage_two_can_reuse_a_trained_autoencoder(tiny_run, tmp_path):
         torch.testing.assert_close(reused.vae.state_dict()[key], weight, msg=key)
     # Measured again on the reused weights, which the folder keeps in fp16.
     assert reused.vae.config.scaling_factor == pytest.approx(trained.vae.config.scaling_factor, rel=1e-2)
-    assert json.loads((tmp_path / "progress.json").read_text()) == {"step": 2}
+    assert json.loads((tmp_path / "progress.json").read_text())["step"] == 2
 
 
 def test_stage_two_can_start_from_a_trained_text_encoder_and_unet(tiny_run, tmp_path):
