@@ -237,6 +237,35 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, image_f
     ]
 
 
+def test_compiled_models_learn_the_same_embeddings(tmp_path, image_folder, monkeypatch):
+    # Dynamo's graph capture, run by the eager backend (inductor takes minutes on a CPU).
+    real_compile = torch.nn.Module.compile
+    compiled_modules = []
+
+    def compile_eagerly(module):
+        compiled_modules.append(type(module).__name__)
+        real_compile(module, backend="eager")
+
+    def train(output_dir, **overrides):
+        wrapper = ti.StableDiffusionWrapper(ptp_utils.make_tiny_pipeline(seed=0))
+        ti.textual_inversion(wrapper, make_config(image_folder, output_dir, **overrides))
+        return wrapper
+
+    plain = embedding_weight(train(tmp_path / "plain"))[-1].detach().cpu()
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
+    wrapper = train(tmp_path / "compiled", compile=True)
+    compiled = embedding_weight(wrapper)[-1].detach().cpu()
+    assert len(wrapper([f"a photo of {TOKEN}"], num_inference_steps=2)) == 1  # the compiled models sample
+    assert sorted(compiled_modules) == ["CLIPTextModel", "UNet2DConditionModel"]
+    if torch.cuda.is_available():  # CUDA's sums are not bit-reproducible by default (see the resume test)
+        torch.testing.assert_close(compiled, plain, rtol=0, atol=2e-3)
+    else:
+        assert torch.equal(compiled, plain)
+    untrained = ptp_utils.make_tiny_pipeline(seed=0)
+    initializer = embedding_weight(untrained)[untrained.tokenizer.convert_tokens_to_ids("ball</w>")]
+    assert not torch.equal(plain, initializer)
+
+
 def test_validation_sampling_writes_a_grid(tiny_pipe, tmp_path):
     wrapper = ti.StableDiffusionWrapper(tiny_pipe)
     config = make_config(tmp_path, tmp_path, placeholder_tokens=["<x>"], num_sampling_steps=2)
