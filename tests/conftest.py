@@ -24,3 +24,18 @@ def tokenizer():
 def tiny_pipe():
     """A fresh tiny pipeline, with its own tokenizer, per test: tests may add tokens or swap schedulers."""
     return ptp_utils.make_tiny_pipeline(seed=0)
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.nn.Module.compile with dynamo's eager backend (inductor takes minutes on a CPU): dynamo
+    still captures the graphs. Returns the class names of the modules compiled, in order."""
+    real_compile = torch.nn.Module.compile
+    compiled_modules = []
+
+    def compile_eagerly(module):
+        compiled_modules.append(type(module).__name__)
+        real_compile(module, backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
+    return compiled_modules

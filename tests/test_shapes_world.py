@@ -294,19 +294,10 @@ def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(tiny_run
         torch.testing.assert_close(resumed[key], weight, msg=key)
 
 
-def test_compiled_models_train_the_same_model(tiny_run, tmp_path, monkeypatch):
-    # Dynamo's graph capture, run by the eager backend (inductor takes minutes on a CPU): the
-    # compiled text encoder and UNet keep their parameter names and compute what they did.
-    real_compile = torch.nn.Module.compile
-    compiled_modules = []
-
-    def compile_eagerly(module):
-        compiled_modules.append(type(module).__name__)
-        real_compile(module, backend="eager")
-
-    monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
+def test_compiled_models_train_the_same_model(tiny_run, tmp_path, eager_compile):
+    # The compiled text encoder and UNet keep their parameter names and compute what they did.
     compiled = shapes_train.train(tmp_path, shapes_train.TrainConfig(**TINY_RUN), compile_models=True)
-    assert sorted(compiled_modules) == ["CLIPTextModel", "UNet2DConditionModel"]
+    assert sorted(eager_compile) == ["CLIPTextModel", "UNet2DConditionModel"]
     whole = _weights(StableDiffusionPipeline.from_pretrained(tiny_run))
     for key, weight in _weights(StableDiffusionPipeline.from_pretrained(compiled)).items():
         torch.testing.assert_close(weight, whole[key], msg=key)

@@ -237,22 +237,14 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, image_f
     ]
 
 
-def test_compiled_models_learn_the_same_embeddings(tmp_path, image_folder, monkeypatch):
-    # Dynamo's graph capture, run by the eager backend (inductor takes minutes on a CPU).
-    real_compile = torch.nn.Module.compile
-    compiled_modules = []
-
-    def compile_eagerly(module):
-        compiled_modules.append(type(module).__name__)
-        real_compile(module, backend="eager")
-
+def test_compiled_models_learn_the_same_embeddings(tmp_path, image_folder, request):
     def train(output_dir, **overrides):
         wrapper = ti.StableDiffusionWrapper(ptp_utils.make_tiny_pipeline(seed=0))
         ti.textual_inversion(wrapper, make_config(image_folder, output_dir, **overrides))
         return wrapper
 
     plain = embedding_weight(train(tmp_path / "plain"))[-1].detach().cpu()
-    monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
+    compiled_modules = request.getfixturevalue("eager_compile")  # from here on
     wrapper = train(tmp_path / "compiled", compile=True)
     compiled = embedding_weight(wrapper)[-1].detach().cpu()
     assert len(wrapper([f"a photo of {TOKEN}"], num_inference_steps=2)) == 1  # the compiled models sample
