@@ -100,6 +100,7 @@ class TrainConfig:
     vae_batch_size: int = 16
     batch_size: int = 32
     vae_lr: float = 2e-3
+    vae_max_grad_norm: float = 0.0  # stage 1's gradient clipping threshold; 0: none
     diffusion_lr: float = 1e-3
     warmup_steps: int = 100
     kl_weight: float = 1e-3
@@ -468,6 +469,8 @@ def train(
                     stages[stage].noise_offset,
                 )
         accelerator.backward(loss)
+        if stage == "vae" and config.vae_max_grad_norm:
+            accelerator.clip_grad_norm_(stages["vae"].params, config.vae_max_grad_norm)
         optimizers[stage].step()
         schedules[stage].step()
         optimizers[stage].zero_grad()

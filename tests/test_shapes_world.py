@@ -349,6 +349,26 @@ def test_fine_tuning_starts_from_the_averaged_weights_of_stage_two(tiny_run, tin
     assert not torch.equal(tuned["unet.conv_in.weight"], frozen["unet.conv_in.weight"])
 
 
+def test_clipped_stage_one_gradients_barely_move_the_autoencoder(tiny_run, tmp_path):
+    # Adam steps by about the learning rate whatever the gradient's scale, unless the gradient falls
+    # far below its eps: clipped to a norm of 1e-12, stage 1 leaves the autoencoder nearly where it
+    # started (at learning rate 0), while the unclipped run moves it.
+    def autoencoder(folder):
+        return {
+            k: v.float() for k, v in StableDiffusionPipeline.from_pretrained(folder).vae.state_dict().items()
+        }
+
+    def moved(folder):
+        return sum((weight - start[key]).abs().sum() for key, weight in autoencoder(folder).items())
+
+    start = autoencoder(
+        shapes_train.train(tmp_path / "start", shapes_train.TrainConfig(**TINY_RUN, vae_lr=0.0))
+    )
+    config = shapes_train.TrainConfig(**TINY_RUN, vae_max_grad_norm=1e-12)
+    clipped = shapes_train.train(tmp_path / "clipped", config)
+    assert moved(clipped) < 0.01 * moved(tiny_run)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [(dict(vae_steps=0), "--vae-steps N or --vae-from FOLDER"), (dict(checkpoint_every=0), "at least 1")],
