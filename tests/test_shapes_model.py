@@ -77,8 +77,8 @@ def test_the_caption_not_the_noise_decides_the_background(shapes, background):
 
 
 def test_prompt_to_prompt_swaps_the_colour_and_keeps_the_place_better_than_regeneration(shapes):
-    # A colour swap: where P2P's layout lead is largest (README: IoU 0.65 against 0.44 over 40
-    # seeds; 0.46 against 0.39 for shape swaps, too close to show in 4 seeds).
+    # A colour swap: where P2P's layout lead is largest (README, run 14: IoU 0.59 against 0.39 over
+    # 40 seeds; 0.41 against 0.31 for shape swaps, too close to show in 4 seeds).
     source, target = "a large yellow star", "a large red star"
     steps = (p2p.CROSS_REPLACE_STEPS, p2p.SELF_REPLACE_STEPS)  # the editor's defaults
     edited, p2p_iou, plain_iou = [], [], []
