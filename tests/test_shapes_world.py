@@ -354,9 +354,8 @@ def test_clipped_stage_one_gradients_barely_move_the_autoencoder(tiny_run, tmp_p
     # far below its eps: clipped to a norm of 1e-12, stage 1 leaves the autoencoder nearly where it
     # started (at learning rate 0), while the unclipped run moves it.
     def autoencoder(folder):
-        return {
-            k: v.float() for k, v in StableDiffusionPipeline.from_pretrained(folder).vae.state_dict().items()
-        }
+        weights = _weights(StableDiffusionPipeline.from_pretrained(folder))
+        return {key: weight for key, weight in weights.items() if key.startswith("vae.")}
 
     def moved(folder):
         return sum((weight - start[key]).abs().sum() for key, weight in autoencoder(folder).items())
