@@ -6,7 +6,7 @@ Issue 5, part 3. Three parts, in up to three stages of one run:
   2. a CLIPTextModel (small, read with the real CLIP tokenizer) and a UNet2DConditionModel with
      cross-attention, trained together to predict the noise of SD's schedule on the frozen
      autoencoder's latents, the caption dropped 10% of the time for classifier-free guidance;
-  3. (--finetune-steps) the same two fine-tuned from stage 2's averaged weights with offset noise
+  3. the same two fine-tuned from stage 2's averaged weights with offset noise
      at a lower learning rate, so that the background follows the caption, not the noise.
 The data (shapes_world.py) is drawn on the fly: batch k of the run is items k*B..(k+1)*B-1 of
 the data set, so an interrupted run resumes on exactly the batches it had not seen.
@@ -15,9 +15,9 @@ The run saves its state (weights, optimisers, learning-rate schedules, EMA, RNG)
 every --checkpoint-every steps and resumes from it when started again with the same --out; at
 the end it writes a standard diffusers pipeline folder, DIR/pipeline, in fp16 safetensors.
 
-    python shapes_train.py --out outputs/shapes_run            # the full run (see README for timing)
-    python shapes_train.py --out outputs/smoke --preset tiny --vae-steps 5 --diffusion-steps 5 \
-        --vae-batch-size 4 --batch-size 4                        # a smoke run, seconds
+    python shapes_train.py --out outputs/shapes_run            # the shipped model's recipe (README)
+    python shapes_train.py --out outputs/smoke --preset tiny --vae-steps 5 --diffusion-steps 5 \\
+        --finetune-steps 5                                      # a smoke run, under a minute
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class TrainConfig:
 
     preset: str = "default"
     vae_steps: int = 2500
-    diffusion_steps: int = 5600  # adherence 14% at 1,400 steps, 24% at 2,800, 84% at 5,600 (README)
+    diffusion_steps: int = 5600  # adherence 14, 24, 84% at 1,400, 2,800, 5,600 steps (docs/shapes_runs.md)
     vae_batch_size: int = 16
     batch_size: int = 32
     vae_lr: float = 2e-3
@@ -107,7 +107,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
     noise_offset: float = 0.0  # stage 2's; runs 8 and 9 (fine-tuning runs) used 0.3
-    finetune_steps: int = 0  # stage 3: fine-tuning from stage 2's EMA weights, fresh optimizer and EMA
+    finetune_steps: int = 5400  # stage 3: from stage 2's EMA weights, fresh optimizer and EMA; 0: none
     finetune_lr: float = 3e-4
     finetune_noise_offset: float = 0.3
     ema_max_decay: float = 0.999

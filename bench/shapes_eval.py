@@ -64,15 +64,15 @@ P2P_SEEDS = 120
 SWAPS = ("colour", "shape", "background")
 PARTS = ("adherence", "p2p", "ti")
 # Self-attention injection keeps the source's structure, and on this model the background is part
-# of it: a background swap is a global edit, made without it (README, run 8's 40 background swaps:
-# 30% succeed with the editor's 0.4, 62.5% with 0).
+# of it: a background swap is a global edit, made without it (docs/shapes_runs.md, run 8's 40
+# background swaps: 30% succeed with the editor's 0.4, 62.5% with 0).
 SELF_REPLACE_STEPS = {"colour": p2p.SELF_REPLACE_STEPS, "shape": p2p.SELF_REPLACE_STEPS, "background": 0.0}
 TI_IMAGES = 5
 TI_SAMPLES = 100
 TI_TOKEN = "<held-out>"
 TI_INIT = HELD_OUT[1]  # "triangle": the shape word, which carries the pair's outline but no colour
 # The model reads a pair from two words, colour and shape: two vectors, one per word's place. One
-# vector drifted to blue triangles (README, run 9: 41% with one, 96% with two).
+# vector drifted to blue triangles (docs/shapes_runs.md, run 9: 41% with one, 96% with two).
 TI_VECTORS = 2
 TI_TEMPLATES = ["a {}", "a {} in the center"]
 TI_STEPS = 600

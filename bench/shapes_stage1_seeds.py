@@ -1,10 +1,11 @@
 """Stage 1 of the Shapes World recipe over several seeds: how often does it draw a good autoencoder?
 
 Stage 1 (the autoencoder) is chaotic: any change of seed or numerics re-draws it, and one draw
-per setting tells nothing about the setting (README, "The full run and what it gives"). This
-trains stage 1 alone (`shapes_train.py --diffusion-steps 0`) for each --seeds, --parallel runs
-at a time with --threads each, and reads each autoencoder with bench/shapes_autoencoder.py: the
-share of objects the judge reads right at latent noise 0, 0.2 and 0.4. Arguments after `--` go
+per setting tells nothing about the setting (docs/shapes_runs.md, the stage-1 table). This
+trains stage 1 alone (`shapes_train.py --diffusion-steps 0 --finetune-steps 0`) for each --seeds,
+--parallel runs at a time with --threads each, and reads each autoencoder with
+bench/shapes_autoencoder.py: the share of objects the judge reads right at latent noise 0, 0.2
+and 0.4. Arguments after `--` go
 to shapes_train.py, so that two settings are compared on the same seeds. A seed whose run is
 complete is not trained again (shapes_train.py resumes it at its last step and saves its folder
 again). Prints a line per seed, then one JSON object with each level's mean and worst seed.
@@ -38,7 +39,7 @@ def train_stage1(root: Path, seed: int, threads: int, train_args: list[str]) -> 
     """Run stage 1 for one seed in its own process (log in ROOT/seed-S.log); returns its pipeline folder."""
     out = root / f"seed-{seed}"
     command = [sys.executable, str(REPO / "shapes_train.py"), "--out", str(out), "--seed", str(seed)]
-    command += ["--diffusion-steps", "0", "--threads", str(threads), *train_args]
+    command += ["--diffusion-steps", "0", "--finetune-steps", "0", "--threads", str(threads), *train_args]
     with open(root / f"seed-{seed}.log", "w") as log:
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
     return out / "pipeline"

@@ -201,6 +201,7 @@ TINY_RUN = dict(
     warmup_steps=1,
     checkpoint_every=1,
     reconstruction_check=4,
+    finetune_steps=0,
 )
 
 
@@ -221,7 +222,7 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_finetuned_run(tmp_path_factory):
     """The same, with two steps of stage 3 (fine-tuning with offset noise): its folder."""
-    config = shapes_train.TrainConfig(**TINY_RUN, finetune_steps=2)
+    config = shapes_train.TrainConfig(**{**TINY_RUN, "finetune_steps": 2})
     return shapes_train.train(tmp_path_factory.mktemp("finetuned"), config)
 
 
@@ -256,7 +257,7 @@ def test_interrupted_training_resumes_to_the_same_model(finetune_steps, request,
             raise KeyboardInterrupt
         return real_make_batch(seed, indices)
 
-    config = shapes_train.TrainConfig(**TINY_RUN, finetune_steps=finetune_steps)
+    config = shapes_train.TrainConfig(**{**TINY_RUN, "finetune_steps": finetune_steps})
     monkeypatch.setattr(shapes_train, "make_batch", make_batch_then_stop)
     with pytest.raises(KeyboardInterrupt):
         shapes_train.train(tmp_path, config)
@@ -341,7 +342,7 @@ def test_stage_two_can_start_from_a_trained_text_encoder_and_unet(tiny_run, tmp_
 def test_fine_tuning_starts_from_the_averaged_weights_of_stage_two(tiny_run, tiny_finetuned_run, tmp_path):
     # At learning rate 0, stage 3 keeps what it starts from: stage 2's EMA weights, which are what a
     # run without stage 3 saves (to the bit, fp16 both ways); at its learning rate it moves them.
-    config = shapes_train.TrainConfig(**TINY_RUN, finetune_steps=2, finetune_lr=0.0)
+    config = shapes_train.TrainConfig(**{**TINY_RUN, "finetune_steps": 2, "finetune_lr": 0.0})
     frozen = _weights(StableDiffusionPipeline.from_pretrained(shapes_train.train(tmp_path, config)))
     tuned = _weights(StableDiffusionPipeline.from_pretrained(tiny_finetuned_run))
     for key, weight in _weights(StableDiffusionPipeline.from_pretrained(tiny_run)).items():
@@ -361,9 +362,9 @@ def test_clipped_stage_one_gradients_barely_move_the_autoencoder(tiny_run, tmp_p
         return sum((weight - start[key]).abs().sum() for key, weight in autoencoder(folder).items())
 
     start = autoencoder(
-        shapes_train.train(tmp_path / "start", shapes_train.TrainConfig(**TINY_RUN, vae_lr=0.0))
+        shapes_train.train(tmp_path / "start", shapes_train.TrainConfig(**{**TINY_RUN, "vae_lr": 0.0}))
     )
-    config = shapes_train.TrainConfig(**TINY_RUN, vae_max_grad_norm=1e-12)
+    config = shapes_train.TrainConfig(**{**TINY_RUN, "vae_max_grad_norm": 1e-12})
     clipped = shapes_train.train(tmp_path / "clipped", config)
     assert moved(clipped) < 0.01 * moved(tiny_run)
 
