@@ -5,10 +5,10 @@ per setting tells nothing about the setting (docs/shapes_runs.md, the stage-1 ta
 trains stage 1 alone (`shapes_train.py --diffusion-steps 0 --finetune-steps 0`) for each --seeds,
 --parallel runs at a time with --threads each, and reads each autoencoder with
 bench/shapes_autoencoder.py: the share of objects the judge reads right at latent noise 0, 0.2
-and 0.4. Arguments after `--` go
-to shapes_train.py, so that two settings are compared on the same seeds. A seed whose run is
-complete is not trained again (shapes_train.py resumes it at its last step and saves its folder
-again). Prints a line per seed, then one JSON object with each level's mean and worst seed.
+and 0.4. Arguments after `--` go to shapes_train.py, so that two settings are compared on the
+same seeds. A seed whose run is complete is not trained again (shapes_train.py resumes it at its
+last step and saves its folder again). Prints a line per seed, then one JSON object with each
+level's mean and worst seed.
 
     python bench/shapes_stage1_seeds.py --root outputs/s1_defaults --seeds 0 1 2 3 4
     python bench/shapes_stage1_seeds.py --root outputs/s1_clip --seeds 0 1 2 3 4 -- --vae-max-grad-norm 1000

@@ -362,9 +362,9 @@ def test_clipped_stage_one_gradients_barely_move_the_autoencoder(tiny_run, tmp_p
         return sum((weight - start[key]).abs().sum() for key, weight in autoencoder(folder).items())
 
     start = autoencoder(
-        shapes_train.train(tmp_path / "start", shapes_train.TrainConfig(**{**TINY_RUN, "vae_lr": 0.0}))
+        shapes_train.train(tmp_path / "start", shapes_train.TrainConfig(**TINY_RUN, vae_lr=0.0))
     )
-    config = shapes_train.TrainConfig(**{**TINY_RUN, "vae_max_grad_norm": 1e-12})
+    config = shapes_train.TrainConfig(**TINY_RUN, vae_max_grad_norm=1e-12)
     clipped = shapes_train.train(tmp_path / "clipped", config)
     assert moved(clipped) < 0.01 * moved(tiny_run)
 
