@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import (
@@ -59,6 +60,14 @@ LATENT_CHANNELS = 4
 # Offsets of the run's seed for the data streams outside training, so that none repeats a batch.
 SCALING_SEED_OFFSET, RECONSTRUCTION_SEED_OFFSET = 1, 2
 SCALING_BATCH = 256  # images whose latents set the VAE's scaling_factor (SD: 0.18215, found the same way)
+# Stage 1's check reads reconstructions from latents off by these many standard deviations, as a
+# diffusion model's samples are, and the spread of each latent channel. The log's autoencoders with
+# a channel narrower than MIN_CHANNEL_STD gave its two weak models (runs 12 and 15: smallest stds
+# 0.18 and 0.12, adherence 40% and 45%); those of runs 4 (reused by runs 6, 8, 9), 14 and 16 (0.38,
+# 0.41, 0.78) gave 84-94% (docs/shapes_runs.md). The diffusion model's error drowns what such a
+# narrow channel holds.
+LATENT_NOISE_LEVELS = (0.0, 0.2, 0.4)
+MIN_CHANNEL_STD = 0.25
 # Reading the loss waits for the GPU; every step, that keeps the CPU from queueing the next one.
 LOSS_DISPLAY_EVERY = 25
 # Model sizes. "default" is the shipped model; "tiny" is for tests and smoke runs.
@@ -246,6 +255,12 @@ def diffusion_loss(
     return (squared_error * snr.clamp(max=snr_gamma) / snr).mean()
 
 
+def freeze_autoencoder(vae: AutoencoderKL, seed: int) -> float:
+    """Stage 1 is over: the autoencoder stops learning; returns its latent scaling factor."""
+    vae.requires_grad_(False).eval()
+    return latent_scaling_factor(vae, seed)
+
+
 @torch.no_grad()
 def latent_scaling_factor(vae: AutoencoderKL, seed: int) -> float:
     """1 / std of the latents, so that the diffusion model sees unit-variance data (SD's 0.18215)."""
@@ -256,14 +271,59 @@ def latent_scaling_factor(vae: AutoencoderKL, seed: int) -> float:
 
 
 @torch.no_grad()
-def reconstruction_accuracy(vae: AutoencoderKL, n: int, seed: int) -> float:
-    """Share of objects that the judge reads right in the autoencoder's reconstructions."""
+def latent_report(
+    vae: AutoencoderKL,
+    scaling_factor: float,
+    judged_images: int,
+    seed: int,
+    noise_levels: tuple[float, ...] = LATENT_NOISE_LEVELS,
+) -> dict:
+    """How much error the autoencoder's latent space tolerates (stage 1's check).
 
-    def reconstruct(images):
-        decoded = vae(to_tensor(images).to(vae.device, vae.dtype)).sample
-        return to_uint8(decoded)
+    channel_std: the spread of each channel of the scaled latents over 256 images (near 0: it carries
+    nothing); posterior_std: the encoder's mean posterior spread per channel (near 1: collapsed to the
+    prior, pure noise); noise_<s>: the share of objects the judge reads right in reconstructions of
+    `judged_images` items of data-set `seed` whose scaled latents got Gaussian noise of s standard
+    deviations before decoding (noise_0.0: plain reconstructions).
+    """
+    images, _ = make_batch(seed, range(SCALING_BATCH))
+    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    report = {
+        "channel_std": (posterior.mean * scaling_factor).std(dim=(0, 2, 3)).tolist(),
+        "posterior_std": (posterior.std * scaling_factor).mean(dim=(0, 2, 3)).tolist(),
+    }
+    generator = torch.Generator().manual_seed(seed)
+    for level in noise_levels:
 
-    return judge_accuracy(n, seed, reconstruct)["all"]
+        def reconstruct(batch: np.ndarray, level: float = level) -> np.ndarray:
+            latents = vae.encode(to_tensor(batch).to(vae.device, vae.dtype)).latent_dist.mean
+            noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+            return to_uint8(vae.decode(latents + level / scaling_factor * noise).sample)
+
+        report[f"noise_{level}"] = judge_accuracy(judged_images, seed, reconstruct)["all"]
+    return report
+
+
+def check_autoencoder(vae: AutoencoderKL, scaling_factor: float, config: TrainConfig, out: Path) -> str:
+    """Stage 1's report (OUT/autoencoder.json) and what it means, as lines for the log."""
+    report = latent_report(
+        vae, scaling_factor, config.reconstruction_check, config.seed + RECONSTRUCTION_SEED_OFFSET
+    )
+    (out / "autoencoder.json").write_text(json.dumps(report, indent=1))
+    readings = ", ".join(f"{report[f'noise_{level}']:.1%}" for level in LATENT_NOISE_LEVELS)
+    levels = ", ".join(f"{level:g}" for level in LATENT_NOISE_LEVELS)
+    stds = ", ".join(f"{std:.2f}" for std in report["channel_std"])
+    lines = (
+        f"autoencoder done: the judge reads {readings} of objects right at latent noise {levels}; "
+        f"latent channel stds {stds}"
+    )
+    if min(report["channel_std"]) < MIN_CHANNEL_STD:
+        lines += (
+            f"\nwarning: a latent channel spreads less than {MIN_CHANNEL_STD}; the training log's "
+            "autoencoders with such a channel gave weak models (docs/shapes_runs.md). To draw another, "
+            "stop and start again with another --seed and --out: stage 1 is the first few minutes."
+        )
+    return lines
 
 
 def save_pipeline(pipe: StableDiffusionPipeline, folder: str | Path) -> int:
@@ -444,16 +504,8 @@ def train(
                 # saved, with a fresh average (as runs 8 and 9 did from a saved folder).
                 ema.copy_to(denoiser_params)
                 ema.load_state_dict(fresh_ema().state_dict())
-            if scaling_factor is None:
-                vae.requires_grad_(False).eval()
-                scaling_factor = latent_scaling_factor(vae, config.seed)
-                if step == config.vae_steps and config.reconstruction_check:
-                    accuracy = reconstruction_accuracy(
-                        vae, config.reconstruction_check, config.seed + RECONSTRUCTION_SEED_OFFSET
-                    )
-                    bar.write(
-                        f"autoencoder done: the judge reads {accuracy:.1%} of objects right in its output"
-                    )
+            if scaling_factor is None:  # a reused autoencoder, or a run resumed after stage 1
+                scaling_factor = freeze_autoencoder(vae, config.seed)
             with torch.no_grad():
                 latents = vae.encode(images).latent_dist.sample() * scaling_factor
             with accelerator.autocast():
@@ -476,6 +528,10 @@ def train(
         optimizers[stage].zero_grad()
         if stage != "vae":
             ema.step(denoiser_params)
+        elif step + 1 == config.vae_steps:
+            scaling_factor = freeze_autoencoder(vae, config.seed)
+            if config.reconstruction_check:
+                bar.write(check_autoencoder(vae, scaling_factor, config, out))
         if (step + 1) % LOSS_DISPLAY_EVERY == 0:
             bar.set_postfix(stage=stage, loss=f"{loss.item():.4f}", refresh=False)
         seconds[stage].append((time.perf_counter() - started[0], time.process_time() - started[1]))

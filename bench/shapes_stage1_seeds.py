@@ -30,7 +30,7 @@ from diffusers import AutoencoderKL
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from shapes_autoencoder import latent_report  # noqa: E402
+from shapes_autoencoder import autoencoder_report  # noqa: E402
 
 LEVELS = ("noise_0.0", "noise_0.2", "noise_0.4")
 
@@ -63,7 +63,7 @@ def main() -> None:
     reports = {}
     for seed, folder in zip(args.seeds, folders):
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
-        reports[seed] = latent_report(vae)
+        reports[seed] = autoencoder_report(vae)
         print(f"seed {seed}: " + ", ".join(f"{level} {reports[seed][level]:.1%}" for level in LEVELS))
     summary = {"train_args": args.train_args, "seeds": args.seeds}
     for level in LEVELS:

@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 import prompt2prompt as p2p
 import ptp_utils
+import shapes_train
 import shapes_world as sw
 
 MAX_FOLDER_BYTES = 25 * 10**6
@@ -52,6 +53,16 @@ def test_from_pretrained_loads_the_folder_as_load_model_does(shapes):
         loaded = getattr(shapes, part).state_dict()
         for key, weight in getattr(pipe, part).state_dict().items():
             assert torch.equal(loaded[key], weight), (part, key)
+
+
+def test_the_shipped_autoencoder_passes_stage_one_check(shapes):
+    # No narrow channel (what training warns of), and the check sees what latent noise costs: plain
+    # reconstructions read right, latents drowned in noise of one standard deviation not.
+    vae = shapes.vae
+    report = shapes_train.latent_report(vae, vae.config.scaling_factor, 50, seed=7, noise_levels=(0.0, 1.0))
+    assert min(report["channel_std"]) >= shapes_train.MIN_CHANNEL_STD
+    assert report["noise_0.0"] >= 0.85
+    assert report["noise_1.0"] < 0.25
 
 
 @pytest.mark.parametrize("colour, shape", [("yellow", "star"), ("red", "circle")])

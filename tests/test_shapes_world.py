@@ -6,7 +6,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import compute_snr
 from PIL import Image
 
@@ -252,8 +252,9 @@ def test_interrupted_training_resumes_to_the_same_model(finetune_steps, request,
 
     def make_batch_then_stop(seed, indices):
         calls.append(indices)
-        # Calls: steps 0, 1, 2, the latent scaling factor, then one a step: stop at the last step.
-        if len(calls) == last_step + 2:
+        # Calls: steps 0 and 1, stage 1's check (the latent scaling factor and the latents' spread),
+        # then one a step: stop at the last step.
+        if len(calls) == last_step + 3:
             raise KeyboardInterrupt
         return real_make_batch(seed, indices)
 
@@ -309,6 +310,28 @@ def test_worker_processes_train_the_same_model(tiny_run, tmp_path):
     whole = _weights(StableDiffusionPipeline.from_pretrained(tiny_run))
     for key, weight in _weights(StableDiffusionPipeline.from_pretrained(with_workers)).items():
         torch.testing.assert_close(weight, whole[key], msg=key)
+
+
+def test_stage_one_alone_reports_its_latent_space(tmp_path, capsys):
+    shapes_train.train(tmp_path, shapes_train.TrainConfig(**{**TINY_RUN, "diffusion_steps": 0}))
+    assert "autoencoder done: the judge reads" in capsys.readouterr().out
+    report = json.loads((tmp_path / "autoencoder.json").read_text())
+    assert len(report["channel_std"]) == len(report["posterior_std"]) == shapes_train.LATENT_CHANNELS
+    assert {f"noise_{level}" for level in shapes_train.LATENT_NOISE_LEVELS} <= report.keys()
+
+
+@pytest.mark.parametrize("narrowest, warns", [(0.5, True), (2.0, False)])
+def test_stage_one_check_warns_of_a_narrow_latent_channel(tiny_run, tmp_path, narrowest, warns):
+    # The channels' spread is in scaled units: pick the scaling factor that puts the narrowest
+    # channel at half, or twice, the threshold.
+    vae = AutoencoderKL.from_pretrained(tiny_run, subfolder="vae", torch_dtype=torch.float32)
+    config = shapes_train.TrainConfig(**{**TINY_RUN, "reconstruction_check": 1})
+    unscaled = shapes_train.latent_report(vae, 1.0, 1, config.seed + shapes_train.RECONSTRUCTION_SEED_OFFSET)
+    scale = narrowest * shapes_train.MIN_CHANNEL_STD / min(unscaled["channel_std"])
+    lines = shapes_train.check_autoencoder(vae, scale, config, tmp_path)
+    assert ("warning: a latent channel spreads less than" in lines) == warns
+    report = json.loads((tmp_path / "autoencoder.json").read_text())
+    assert min(report["channel_std"]) == pytest.approx(narrowest * shapes_train.MIN_CHANNEL_STD)
 
 
 def test_resume_refuses_another_configuration(tmp_path):
