@@ -350,6 +350,13 @@ def prepare_for_textual_inversion(
     """
     tokenizer, text_encoder = wrapper.tokenizer, wrapper.text_encoder
     check_placeholder_tokens(tokenizer, config.placeholder_tokens)
+    # A template without the placeholder trains nothing, silently.
+    unusable = [template for template in config.prompt_templates if "{}" not in template]
+    if unusable or not config.prompt_templates:
+        raise ValueError(
+            f"Every prompt template needs {{}} where the placeholder goes, e.g. 'a photo of a {{}}'; "
+            f"got {unusable or 'none'}."
+        )
     initializer_ids = tokenizer.encode(config.initializer_token, add_special_tokens=False)
     if len(initializer_ids) != 1:
         raise ValueError(
@@ -567,7 +574,13 @@ def main() -> None:
         help=f"hub id or folder, or offline: {', '.join(ptp_utils.OFFLINE_MODELS)}",
     )
     parser.add_argument("--num-vectors", type=int, default=1, help="vectors learned for the concept")
-    parser.add_argument("--style", action="store_true", help="learn a style (style prompt templates)")
+    templates = parser.add_mutually_exclusive_group()
+    templates.add_argument("--style", action="store_true", help="learn a style (style prompt templates)")
+    templates.add_argument(
+        "--templates",
+        nargs="+",
+        help='prompt templates instead, {} for the token, e.g. "a {}" "a {} in the center"',
+    )
     parser.add_argument("--steps", type=int, default=NUM_INVERSION_STEPS)
     parser.add_argument("--lr", type=float, default=LEARNING_RATE)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
@@ -594,7 +607,7 @@ def main() -> None:
         placeholder_tokens=multi_vector_tokens(args.token, args.num_vectors),
         initializer_token=args.init,
         max_num_target_images=args.max_images,
-        prompt_templates=list(STYLE_TEMPLATES if args.style else OBJECT_TEMPLATES),
+        prompt_templates=args.templates or list(STYLE_TEMPLATES if args.style else OBJECT_TEMPLATES),
         learning_rate=args.lr,
         num_inversion_steps=args.steps,
         batch_size=args.batch_size,

@@ -110,6 +110,8 @@ def test_a_concept_of_no_vectors_is_refused():
         (dict(placeholder_tokens=["<Thing>"]), "lowercases"),
         (dict(resume_from="latest"), "No checkpoint"),
         (dict(target_folder="/nonexistent/folder"), "does not exist"),
+        (dict(prompt_templates=["a {}", "a photo"]), r"needs \{\} where the placeholder goes.*'a photo'"),
+        (dict(prompt_templates=[]), r"needs \{\} where the placeholder goes"),
     ],
 )
 def test_bad_settings_fail_before_touching_the_pipeline(
@@ -272,8 +274,18 @@ def test_command_line_trains_the_tiny_pipeline(tmp_path, image_folder, monkeypat
     argv = ["textual_inversion.py", "--images", str(image_folder), "--token", TOKEN, "--init", "ball"]
     argv += ["--model", "tiny", "--steps", "3", "--grad-accum", "1", "--num-vectors", "2"]
     argv += ["--output-dir", str(output_dir), "--show-every", "2", "--sampling-steps", "2"]
+    argv += ["--templates", "a {}", "a {} in the center"]
     monkeypatch.setattr(sys, "argv", argv)
+    configs = []
+    real_prepare = ti.prepare_for_textual_inversion
+
+    def prepare_and_record(wrapper, config):
+        configs.append(config)
+        return real_prepare(wrapper, config)
+
+    monkeypatch.setattr(ti, "prepare_for_textual_inversion", prepare_and_record)
     ti.main()
+    assert configs[0].prompt_templates == ["a {}", "a {} in the center"]
     assert load_file(output_dir / ti.EMBEDS_FILE)[TOKEN].shape == (2, 32)
     grids = sorted((output_dir / "samples").iterdir())
     assert [grid.name for grid in grids] == [
