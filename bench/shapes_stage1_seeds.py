@@ -8,7 +8,8 @@ bench/shapes_autoencoder.py: the share of objects the judge reads right at laten
 and 0.4. Arguments after `--` go to shapes_train.py, so that two settings are compared on the
 same seeds. A seed whose run is complete is not trained again (shapes_train.py resumes it at its
 last step and saves its folder again). Prints a line per seed, then one JSON object with each
-level's mean and worst seed.
+level's mean and worst seed, and the seeds whose narrowest latent channel shapes_train.py's check
+warns of.
 
     python bench/shapes_stage1_seeds.py --root outputs/s1_defaults --seeds 0 1 2 3 4
     python bench/shapes_stage1_seeds.py --root outputs/s1_clip --seeds 0 1 2 3 4 -- --vae-max-grad-norm 1000
@@ -31,6 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shapes_autoencoder import autoencoder_report  # noqa: E402
+
+import shapes_train  # noqa: E402
 
 LEVELS = ("noise_0.0", "noise_0.2", "noise_0.4")
 
@@ -64,11 +67,18 @@ def main() -> None:
     for seed, folder in zip(args.seeds, folders):
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
         reports[seed] = autoencoder_report(vae)
-        print(f"seed {seed}: " + ", ".join(f"{level} {reports[seed][level]:.1%}" for level in LEVELS))
+        readings = ", ".join(f"{level} {reports[seed][level]:.1%}" for level in LEVELS)
+        print(f"seed {seed}: {readings}, narrowest channel std {min(reports[seed]['channel_std']):.2f}")
     summary = {"train_args": args.train_args, "seeds": args.seeds}
     for level in LEVELS:
         readings = [report[level] for report in reports.values()]
         summary[level] = {"mean": statistics.mean(readings), "worst": min(readings), "each": readings}
+    narrowest = [min(report["channel_std"]) for report in reports.values()]
+    # What shapes_train.py's check after stage 1 warns of.
+    summary["narrow_channel_seeds"] = [
+        seed for seed, std in zip(args.seeds, narrowest) if std < shapes_train.MIN_CHANNEL_STD
+    ]
+    summary["narrowest_channel_std"] = narrowest
     print(json.dumps(summary))
 
 
