@@ -8,8 +8,8 @@ bench/shapes_autoencoder.py: the share of objects the judge reads right at laten
 and 0.4. Arguments after `--` go to shapes_train.py, so that two settings are compared on the
 same seeds. A seed whose run is complete is not trained again (shapes_train.py resumes it at its
 last step and saves its folder again). Prints a line per seed, then one JSON object with each
-level's mean and worst seed, and the seeds whose narrowest latent channel shapes_train.py's check
-warns of.
+level's mean and worst seed, each seed's narrowest latent channel, and the seeds whose latent
+space shapes_train.py's check after stage 1 warns of.
 
     python bench/shapes_stage1_seeds.py --root outputs/s1_defaults --seeds 0 1 2 3 4
     python bench/shapes_stage1_seeds.py --root outputs/s1_clip --seeds 0 1 2 3 4 -- --vae-max-grad-norm 1000
@@ -73,12 +73,8 @@ def main() -> None:
     for level in LEVELS:
         readings = [report[level] for report in reports.values()]
         summary[level] = {"mean": statistics.mean(readings), "worst": min(readings), "each": readings}
-    narrowest = [min(report["channel_std"]) for report in reports.values()]
-    # What shapes_train.py's check after stage 1 warns of.
-    summary["narrow_channel_seeds"] = [
-        seed for seed, std in zip(args.seeds, narrowest) if std < shapes_train.MIN_CHANNEL_STD
-    ]
-    summary["narrowest_channel_std"] = narrowest
+    summary["narrowest_channel_std"] = [min(report["channel_std"]) for report in reports.values()]
+    summary["fragile_seeds"] = [seed for seed, report in reports.items() if shapes_train.is_fragile(report)]
     print(json.dumps(summary))
 
 

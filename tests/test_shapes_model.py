@@ -56,8 +56,8 @@ def test_from_pretrained_loads_the_folder_as_load_model_does(shapes):
 
 
 def test_the_shipped_autoencoder_passes_stage_one_check(shapes):
-    # No narrow channel (what training warns of), and the check sees what latent noise costs: plain
-    # reconstructions read right, latents drowned in noise of one standard deviation not.
+    # No narrow channel (so training would not warn), and the check sees what latent noise costs:
+    # plain reconstructions read right, latents drowned in noise of one standard deviation not.
     vae = shapes.vae
     report = shapes_train.latent_report(vae, vae.config.scaling_factor, 50, seed=7, noise_levels=(0.0, 1.0))
     assert min(report["channel_std"]) >= shapes_train.MIN_CHANNEL_STD

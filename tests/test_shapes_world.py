@@ -323,7 +323,7 @@ def test_stage_one_alone_reports_its_latent_space(tmp_path, capsys):
 @pytest.mark.parametrize("narrowest, warns", [(0.5, True), (2.0, False)])
 def test_stage_one_check_warns_of_a_narrow_latent_channel(tiny_run, tmp_path, narrowest, warns):
     # The channels' spread is in scaled units: pick the scaling factor that puts the narrowest
-    # channel at half, or twice, the threshold.
+    # channel at half, or twice, the threshold. Two steps of stage 1 reconstruct nothing, at any noise.
     vae = AutoencoderKL.from_pretrained(tiny_run, subfolder="vae", torch_dtype=torch.float32)
     config = shapes_train.TrainConfig(**{**TINY_RUN, "reconstruction_check": 1})
     unscaled = shapes_train.latent_report(vae, 1.0, 1, config.seed + shapes_train.RECONSTRUCTION_SEED_OFFSET)
@@ -331,7 +331,20 @@ def test_stage_one_check_warns_of_a_narrow_latent_channel(tiny_run, tmp_path, na
     lines = shapes_train.check_autoencoder(vae, scale, config, tmp_path)
     assert ("warning: a latent channel spreads less than" in lines) == warns
     report = json.loads((tmp_path / "autoencoder.json").read_text())
+    assert report["noise_0.4"] < shapes_train.MIN_NOISY_READING
     assert min(report["channel_std"]) == pytest.approx(narrowest * shapes_train.MIN_CHANNEL_STD)
+
+
+@pytest.mark.parametrize(
+    "channel_std, reading, fragile",
+    [
+        ([0.12, 0.16, 1.69, 0.13], 0.17, True),  # run 15's autoencoder
+        ([0.90, 0.99, 1.17, 0.12], 0.96, False),  # a narrow channel the decoder does without
+        ([0.42, 0.41, 1.72, 0.42], 0.44, False),  # the shipped model's: no narrow channel
+    ],
+)
+def test_a_latent_space_is_fragile_when_a_narrow_channel_matters(channel_std, reading, fragile):
+    assert shapes_train.is_fragile({"channel_std": channel_std, "noise_0.4": reading}) == fragile
 
 
 def test_resume_refuses_another_configuration(tmp_path):
