@@ -194,10 +194,11 @@ class LocalBlend:
     def __call__(self, x_t: torch.Tensor, attention_store: dict[str, list[torch.Tensor]]) -> torch.Tensor:
         maps = attention_store["down_cross"] + attention_store["mid_cross"] + attention_store["up_cross"]
         masks = []
+        self.alpha_layers = self.alpha_layers.to(x_t.device)  # copied to the GPU once, not per map
         for item in maps:  # (prompts * heads, queries, words)
             res = int(item.shape[1] ** 0.5)
             item = item.reshape(len(self.alpha_layers), -1, res, res, item.shape[-1])
-            word_map = (item * self.alpha_layers.to(item.device)).sum(-1).mean(1, keepdim=True)
+            word_map = (item * self.alpha_layers).sum(-1).mean(1, keepdim=True)
             masks.append(F.interpolate(word_map, size=x_t.shape[2:], mode="bilinear"))
         mask = torch.stack(masks).mean(0)
         mask = F.max_pool2d(mask, kernel_size=3, stride=1, padding=1)
@@ -235,9 +236,13 @@ class AttentionControlEdit(AttentionStore, abc.ABC):
             raise ValueError("Pass the model's tokenizer, for example tokenizer=model.tokenizer.")
         self.batch_size = len(prompts)
         self.num_steps = num_steps
-        self.cross_replace_alpha = ptp_utils.get_time_words_attention_alpha(
+        cross_replace_alpha = ptp_utils.get_time_words_attention_alpha(
             prompts, num_steps, cross_replace_steps, tokenizer
-        ).to(device)
+        )
+        # Decided on the host once: reading the device tensor at each layer would make the CPU wait
+        # for the GPU (a sync) 32 times per step, leaving the GPU idle while the CPU catches up.
+        self.replaces_cross_attention_at_step = cross_replace_alpha.flatten(1).any(1).tolist()
+        self.cross_replace_alpha = cross_replace_alpha.to(device)
         start, end = ptp_utils.replace_steps_bounds(self_replace_steps, "self_replace_steps")
         self.num_self_replace = int(num_steps * start), int(num_steps * end)
         self.local_blend = local_blend
@@ -249,7 +254,7 @@ class AttentionControlEdit(AttentionStore, abc.ABC):
         return x_t
 
     def replaces_cross_attention_now(self) -> bool:
-        return bool(self.cross_replace_alpha[self.cur_step].any())
+        return self.replaces_cross_attention_at_step[self.cur_step]
 
     def replaces_self_attention_now(self) -> bool:
         return self.num_self_replace[0] <= self.cur_step < self.num_self_replace[1]

@@ -155,6 +155,20 @@ def test_attention_is_materialised_only_where_read(tiny_pipe, monkeypatch):
     assert calls.count(False) == 1 * layers_per_kind
 
 
+def test_per_layer_decisions_never_read_the_device(tokenizer):
+    """On a GPU each read of a device tensor in the layer loop stalls the CPU until the GPU is idle.
+    A meta tensor refuses every read, so deciding each layer of each step must succeed on one."""
+    cross = {"default_": 0.5, "motorcycle": (0.25, 0.75)}
+    controller = p2p.AttentionReplace(
+        [SOURCE, TARGET], STEPS, cross, 0.25, tokenizer=tokenizer, device="meta"
+    )
+    decisions = []
+    for controller.cur_step in range(STEPS):
+        decisions.append([controller.needs_attention(is_cross, "down", 64) for is_cross in (True, False)])
+    # Cross-attention: all words in steps 0-1, "motorcycle" in steps 1-2; self-attention: step 0.
+    assert decisions == [[True, True], [True, False], [True, False], [False, False]]
+
+
 def test_processors_are_restored_after_a_run_and_after_an_error(tiny_pipe):
     original = tiny_pipe.unet.attn_processors
     edit(tiny_pipe, [SOURCE, TARGET])
