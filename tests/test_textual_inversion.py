@@ -1,6 +1,9 @@
 """Textual inversion on the tiny random-weight pipeline: invariants, file format, resume, bad input."""
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,6 +260,25 @@ def test_compiled_models_learn_the_same_embeddings(tmp_path, image_folder, eager
     untrained = ptp_utils.make_tiny_pipeline(seed=0)
     initializer = embedding_weight(untrained)[untrained.tokenizer.convert_tokens_to_ids("ball</w>")]
     assert not torch.equal(plain, initializer)
+
+
+def test_two_processes_draw_different_batches_and_learn_the_same_embeddings(tmp_path, image_folder):
+    """`accelerate launch`'s several-process path, as two CPU processes (torchrun, gloo): each draws
+    its own batches, the gradients are averaged, so both end with the same matrix."""
+    worker = Path(__file__).with_name("ti_ddp_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([*command, str(image_folder), str(tmp_path)], env=env, check=True, timeout=600)
+
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert ranks[0]["losses"] != ranks[1]["losses"]
+    assert torch.equal(ranks[0]["after"], ranks[1]["after"])
+    for rank in ranks:
+        assert torch.equal(rank["after"][: len(rank["before"])], rank["before"])
+    trained = ranks[0]["after"][len(ranks[0]["before"]) :]
+    initializer = ranks[0]["before"][ptp_utils.offline_clip_tokenizer().convert_tokens_to_ids("ball</w>")]
+    assert not torch.equal(trained[0], initializer)
+    assert torch.equal(load_file(tmp_path / ti.EMBEDS_FILE)[TOKEN], trained)
 
 
 def test_validation_sampling_writes_a_grid(tiny_pipe, tmp_path):

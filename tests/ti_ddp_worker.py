@@ -1,0 +1,48 @@
+"""One process of the two-process textual-inversion test: `torchrun --nproc_per_node 2 ti_ddp_worker.py
+IMAGES OUT` trains the tiny pipeline (gloo on CPU with ACCELERATE_USE_CPU=1), then writes this
+process's embedding matrix, before and after, and the losses it computed to OUT/rank<N>.pt."""
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ptp_utils  # noqa: E402
+import textual_inversion as ti  # noqa: E402
+
+images, output_dir = sys.argv[1:]
+torch.set_num_threads(1)
+wrapper = ti.StableDiffusionWrapper(ptp_utils.make_tiny_pipeline(seed=0))
+config = ti.TextualInversionConfig(
+    target_folder=images,
+    placeholder_tokens=["<thing>"],
+    initializer_token="ball",
+    learning_rate=5e-2,
+    num_inversion_steps=3,
+    batch_size=2,
+    gradient_accumulation_steps=2,
+    show_every=0,
+    checkpoint_every=0,
+    output_dir=output_dir,
+    resolution=32,
+)
+losses = []
+compute_loss = ti.compute_standard_diffusion_loss
+
+
+def recording_loss(*args):
+    loss = compute_loss(*args)
+    losses.append(loss.item())
+    return loss
+
+
+ti.compute_standard_diffusion_loss = recording_loss
+before = wrapper.text_encoder.get_input_embeddings().weight.detach().clone()
+ti.textual_inversion(wrapper, config)
+after = wrapper.text_encoder.get_input_embeddings().weight.detach()
+torch.save(
+    {"before": before, "after": after, "losses": losses},
+    Path(output_dir) / f"rank{PartialState().process_index}.pt",
+)
