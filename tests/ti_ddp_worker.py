@@ -9,25 +9,15 @@ import torch
 from accelerate import PartialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_textual_inversion import make_config  # noqa: E402
+
 import ptp_utils  # noqa: E402
 import textual_inversion as ti  # noqa: E402
 
 images, output_dir = sys.argv[1:]
 torch.set_num_threads(1)
 wrapper = ti.StableDiffusionWrapper(ptp_utils.make_tiny_pipeline(seed=0))
-config = ti.TextualInversionConfig(
-    target_folder=images,
-    placeholder_tokens=["<thing>"],
-    initializer_token="ball",
-    learning_rate=5e-2,
-    num_inversion_steps=3,
-    batch_size=2,
-    gradient_accumulation_steps=2,
-    show_every=0,
-    checkpoint_every=0,
-    output_dir=output_dir,
-    resolution=32,
-)
+config = make_config(images, output_dir)
 losses = []
 compute_loss = ti.compute_standard_diffusion_loss
 
