@@ -2,6 +2,7 @@
 IMAGES OUT` trains the tiny pipeline (gloo on CPU with ACCELERATE_USE_CPU=1), then writes this
 process's embedding matrix, before and after, and the losses it computed to OUT/rank<N>.pt."""
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -14,10 +15,13 @@ from test_textual_inversion import make_config  # noqa: E402
 import ptp_utils  # noqa: E402
 import textual_inversion as ti  # noqa: E402
 
-images, output_dir = sys.argv[1:]
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("images", help="the folder of training images")
+parser.add_argument("output_dir", help="where the embeddings and rank<N>.pt go")
+args = parser.parse_args()
 torch.set_num_threads(1)
 wrapper = ti.StableDiffusionWrapper(ptp_utils.make_tiny_pipeline(seed=0))
-config = make_config(images, output_dir)
+config = make_config(args.images, args.output_dir)
 losses = []
 compute_loss = ti.compute_standard_diffusion_loss
 
@@ -34,5 +38,5 @@ ti.textual_inversion(wrapper, config)
 after = wrapper.text_encoder.get_input_embeddings().weight.detach()
 torch.save(
     {"before": before, "after": after, "losses": losses},
-    Path(output_dir) / f"rank{PartialState().process_index}.pt",
+    Path(args.output_dir) / f"rank{PartialState().process_index}.pt",
 )
