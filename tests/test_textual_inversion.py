@@ -262,7 +262,7 @@ def test_compiled_models_learn_the_same_embeddings(tmp_path, image_folder, eager
     assert not torch.equal(plain, initializer)
 
 
-def test_two_processes_draw_different_batches_and_learn_the_same_embeddings(tmp_path, image_folder):
+def test_two_processes_draw_own_batches_and_learn_the_same_embeddings(tmp_path, image_folder, tokenizer):
     """`accelerate launch`'s several-process path, as two CPU processes (torchrun, gloo): each draws
     its own batches, the gradients are averaged, so both end with the same matrix."""
     worker = Path(__file__).with_name("ti_ddp_worker.py")
@@ -276,7 +276,7 @@ def test_two_processes_draw_different_batches_and_learn_the_same_embeddings(tmp_
     for rank in ranks:
         assert torch.equal(rank["after"][: len(rank["before"])], rank["before"])
     trained = ranks[0]["after"][len(ranks[0]["before"]) :]
-    initializer = ranks[0]["before"][ptp_utils.offline_clip_tokenizer().convert_tokens_to_ids("ball</w>")]
+    initializer = ranks[0]["before"][tokenizer.convert_tokens_to_ids("ball</w>")]
     assert not torch.equal(trained[0], initializer)
     assert torch.equal(load_file(tmp_path / ti.EMBEDS_FILE)[TOKEN], trained)
 

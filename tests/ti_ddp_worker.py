@@ -26,8 +26,8 @@ losses = []
 compute_loss = ti.compute_standard_diffusion_loss
 
 
-def recording_loss(*args):
-    loss = compute_loss(*args)
+def recording_loss(*loss_args):
+    loss = compute_loss(*loss_args)
     losses.append(loss.item())
     return loss
 
