@@ -1,0 +1,94 @@
+"""Command-line conventions shared by the package's scripts.
+
+Import this module before torch, diffusers and transformers: it silences the notices those
+libraries print at import and load time that ask nothing of the user (transformers' missing
+torchvision, diffusers' `torch_dtype` deprecation, per-file weight-loading bars), unless the
+command line says `--verbose`. A user's mistake ends the script with one line on stderr that
+names the flag, and exit code 2 (argparse's convention); tracebacks stay for bugs.
+
+    python cli.py --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import NoReturn
+
+VERBOSE_FLAG = "--verbose"
+# Read by transformers and diffusers when they are first imported.
+QUIET_ENVIRONMENT = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+# warnings.warn messages (regular expressions) with nothing for the user to act on.
+QUIET_WARNINGS = (
+    r".*`torch_dtype` is deprecated",
+    r".*torchvision",
+)
+
+
+quiet = VERBOSE_FLAG not in sys.argv[1:]
+
+
+def silence_third_party() -> None:
+    """Hide the third-party notices listed above, unless --verbose; call again once the libraries
+    are imported, to reach the settings that only their logging modules hold (loading bars)."""
+    if not quiet:
+        return
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()  # per-file "Loading weights" bars
+    if "diffusers" in sys.modules:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+
+
+def usage_error(message: str) -> NoReturn:
+    """End the script on a user's mistake: one line on stderr (name the flag and the fix), exit 2."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with every default shown in --help, a --verbose flag, and one-line errors."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            VERBOSE_FLAG, action="store_true", help="show the libraries' own notices and loading bars"
+        )
+
+    def error(self, message: str) -> NoReturn:
+        usage_error(message)
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        global quiet
+        parsed = super().parse_args(args, namespace)
+        quiet = not parsed.verbose
+        silence_third_party()
+        return parsed
+
+
+silence_third_party()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.parse_args(argv)
+    print("Every script of the package: `python SCRIPT.py --help`.")
+
+
+if __name__ == "__main__":
+    main()
