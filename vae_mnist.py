@@ -261,7 +261,7 @@ def iw_log_likelihood(
 def scaled_iw_samples(epochs: int) -> int:
     """K of the final -log p(x) estimate for a run of `epochs`: IW_SAMPLES after the full run, and
     in proportion for a shorter one, so that the evaluation costs in proportion to the training."""
-    return max(1, min(IW_SAMPLES, round(IW_SAMPLES * epochs / VAEConfig.epochs)))
+    return min(IW_SAMPLES, round(IW_SAMPLES * epochs / VAEConfig.epochs))
 
 
 @torch.no_grad()
@@ -337,17 +337,19 @@ def reconstructions(model: VAE, x: torch.Tensor, path: str | Path) -> None:
 
 
 def plot_losses(history: list[dict[str, float]], path: str | Path) -> None:
-    """The loss curve: train and test negative ELBO per epoch."""
+    """The loss curve: train and test negative ELBO per epoch, every point in view."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [h["train_neg_elbo"] for h in history], label="train")
     ax.plot(epochs, [h["test_neg_elbo"] for h in history], label="test")
     ax.set(xlabel="epoch", ylabel="negative ELBO (nats per image)", title="VAE on binarized MNIST")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
