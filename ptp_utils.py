@@ -258,7 +258,9 @@ class P2PAttnProcessor:
     """Attention of one UNet layer, with its probabilities handed to a Prompt-to-Prompt controller.
 
     The probabilities are materialised only when the controller asks for them at this layer and
-    step; everywhere else the layer runs PyTorch's fused `scaled_dot_product_attention`.
+    step, and then only for the prompts: the unconditional half of classifier-free guidance (the
+    first half of the batch, unless low_resource runs it as a pass of its own) never needs them.
+    Everything else runs PyTorch's fused `scaled_dot_product_attention`.
     Written for the transformer blocks of Stable Diffusion's UNet (inputs of shape (B, N, C)).
     """
 
@@ -275,28 +277,46 @@ class P2PAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """The layer's attention output; the controller sees (and may edit) the probabilities."""
+        """The layer's attention output; the controller sees (and may edit) the prompts' probabilities."""
         batch_size, num_queries, _ = hidden_states.shape
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch_size)
 
-        if self.controller.needs_attention(self.is_cross, self.place_in_unet, num_queries):
-            query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
-            attention_probs = attn.get_attention_scores(query, key, attention_mask)
-            attention_probs = self.controller(attention_probs, self.is_cross, self.place_in_unet)
-            hidden_states = attn.batch_to_head_dim(torch.bmm(attention_probs, value))
-        else:
+        if not self.controller.needs_attention(self.is_cross, self.place_in_unet, num_queries):
             self.controller(None, self.is_cross, self.place_in_unet)
-            query, key, value = (
-                x.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for x in (query, key, value)
+            hidden_states = fused_attention(attn, query, key, value, attention_mask)
+        else:
+            split = 0 if self.controller.low_resource else batch_size // 2  # first prompt in the batch
+            mask = None if attention_mask is None else attention_mask[split * attn.heads :]
+            prompts_query, prompts_key, prompts_value = (
+                attn.head_to_batch_dim(x[split:]) for x in (query, key, value)
             )
-            if attention_mask is not None:
-                attention_mask = attention_mask.unflatten(0, (batch_size, attn.heads))
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-            hidden_states = hidden_states.transpose(1, 2).flatten(2).to(query.dtype)
+            attention_probs = attn.get_attention_scores(prompts_query, prompts_key, mask)
+            attention_probs = self.controller(attention_probs, self.is_cross, self.place_in_unet)
+            hidden_states = attn.batch_to_head_dim(torch.bmm(attention_probs, prompts_value))
+            if split:
+                mask = None if attention_mask is None else attention_mask[: split * attn.heads]
+                unconditional = fused_attention(attn, query[:split], key[:split], value[:split], mask)
+                hidden_states = torch.cat([unconditional, hidden_states])
         return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+def fused_attention(
+    attn: Attention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Multi-head attention of projected (B, N, C) inputs with PyTorch's fused kernel, before to_out."""
+    batch_size = query.shape[0]
+    query, key, value = (x.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for x in (query, key, value))
+    if attention_mask is not None:
+        attention_mask = attention_mask.unflatten(0, (batch_size, attn.heads))
+    hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+    return hidden_states.transpose(1, 2).flatten(2).to(query.dtype)
 
 
 class AttentionControlRegistration:
