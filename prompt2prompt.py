@@ -22,19 +22,22 @@ import abc
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import cli  # first: it quiets the libraries below
+import cli
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
 
 import ptp_utils
 import seq_aligner
 from ptp_utils import GUIDANCE_SCALE, NUM_DIFFUSION_STEPS
+
+if TYPE_CHECKING:  # loaded with the model (ptp_utils.load_pipeline): `import prompt2prompt` stays fast
+    from diffusers import StableDiffusionPipeline
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_MODEL_ID = ptp_utils.DEFAULT_MODEL_ID
 SEED = 8888
@@ -611,27 +614,24 @@ def parse_reweight(value: str) -> tuple[str, float]:
     """A --reweight argument: WORD=SCALE."""
     word, _, scale = value.rpartition("=")
     try:
-        return word, float(scale) if word else float("")
+        scale = float(scale)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: give a word and a scale, such as fluffy=2") from None
+        word = ""
+    if not word:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a word and a scale, such as fluffy=2")
+    return word, scale
 
 
 def parse_sweep(value: str) -> tuple[str, list[float]]:
     """A --reweight-sweep argument: WORD=SCALE,SCALE,..."""
     word, _, scales = value.rpartition("=")
     try:
-        return word, [float(scale) for scale in scales.split(",")] if word else float("")
+        scales = [float(scale) for scale in scales.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{value!r}: give a word and its scales, such as fluffy=0,1,2,4"
-        ) from None
-
-
-def positive_int(value: str) -> int:
-    """A count that must be at least 1."""
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: give a positive whole number")
-    return int(value)
+        word = ""
+    if not word:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a word and its scales, such as fluffy=0,1,2,4")
+    return word, scales
 
 
 def enlarge(image: np.ndarray, width: int) -> np.ndarray:
@@ -689,7 +689,9 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_MODEL_ID,
         help=f"hub id or local pipeline folder, or offline: {', '.join(ptp_utils.OFFLINE_MODELS)}",
     )
-    parser.add_argument("--steps", type=positive_int, default=NUM_DIFFUSION_STEPS, help="denoising steps")
+    parser.add_argument(
+        "--steps", type=ptp_utils.positive_int, default=NUM_DIFFUSION_STEPS, help="denoising steps"
+    )
     parser.add_argument(
         "--guidance", type=float, default=GUIDANCE_SCALE, help="classifier-free guidance scale"
     )
@@ -708,14 +710,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--display-size",
-        type=positive_int,
+        type=ptp_utils.positive_int,
         metavar="PX",
-        help="enlarge each image to PX pixels wide (nearest neighbour) before captioning it",
+        help="enlarge each image to PX pixels wide (nearest neighbour) before its caption; None: as is",
     )
-    parser.add_argument("--out", default="outputs/p2p_edit.png", help="image file to write")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
-        "--dtype", choices=["float16", "bfloat16", "float32"], default=None, help="default: fp16 on CUDA"
+        "--out", type=ptp_utils.image_path, default="outputs/p2p_edit.png", help="image file to write"
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N, mps or cpu"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default=argparse.SUPPRESS,
+        help="the model's precision (default: float16 on CUDA, float32 elsewhere)",
     )
     parser.add_argument(
         "--low-resource", action="store_true", help="run the two guidance branches one at a time"
@@ -729,8 +738,11 @@ def main(argv: list[str] | None = None) -> None:
     default_target = source if reweighting else SHAPES_TARGET_PROMPT if shapes else TARGET_PROMPT
     target = getattr(args, "target", default_target)
     num_words = len(source.split(" ")), len(target.split(" "))
-    default_edit = "reweight" if reweighting and source == target else "replace"
-    edit = getattr(args, "edit", default_edit if num_words[0] == num_words[1] else "refine")
+    if reweighting and source == target:
+        default_edit = "reweight"
+    else:
+        default_edit = "replace" if num_words[0] == num_words[1] else "refine"
+    edit = getattr(args, "edit", default_edit)
     if edit == "reweight" and not reweighting:
         cli.usage_error("--edit reweight: give --reweight WORD=SCALE or --reweight-sweep WORD=S1,S2,...")
     if edit == "reweight" and source != target:
@@ -743,21 +755,13 @@ def main(argv: list[str] | None = None) -> None:
             f"--edit replace swaps words, but the source has {num_words[0]} words and the target "
             f"{num_words[1]}: use --edit refine"
         )
-    if Path(args.out).suffix.lower() not in Image.registered_extensions():
-        cli.usage_error(f"--out {args.out}: give a file name with an image extension, such as .png")
 
-    try:
-        model = load_model(args.model, args.device, args.dtype and getattr(torch, args.dtype))
-    except OSError as error:
-        cli.usage_error(f"--model {args.model}: {error}")
+    dtype = getattr(args, "dtype", None)
+    model = ptp_utils.load_pipeline_or_exit(args.model, args.device, dtype and getattr(torch, dtype))
+    ptp_utils.check_sampler_steps(model.scheduler, args.steps, type(model.scheduler).__name__)
     tokenizer = model.tokenizer
     for flag, prompt in (("--source", source), ("--target", target)):
-        num_tokens = len(tokenizer(prompt).input_ids)
-        if num_tokens > tokenizer.model_max_length:
-            cli.usage_error(
-                f"{flag}: the prompt has {num_tokens} tokens, more than the {tokenizer.model_max_length} "
-                "that the text encoder reads: shorten it"
-            )
+        ptp_utils.check_prompt_length(tokenizer, prompt, flag)
     named_words = [(f"--reweight {word}={scale:g}", word, target) for word, scale in args.reweight]
     if sweep_word is not None:
         named_words.append(("--reweight-sweep", sweep_word, target))
@@ -780,7 +784,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.blend_words:
         blend_words = [args.blend_words[0]] + [args.blend_words[1]] * len(sweep_scales)
         local_blend = LocalBlend(prompts, blend_words, tokenizer)
-    controller = EDITS[edit] and EDITS[edit](prompts, local_blend=local_blend, **settings)
+    controller = None
+    if EDITS[edit] is not None:  # the swap or refinement; under a reweighting, the reweighting blends
+        controller = EDITS[edit](prompts, local_blend=None if reweighting else local_blend, **settings)
     captions = [source] + [target] * len(sweep_scales)
     if reweighting:
         equalizer = torch.ones(len(sweep_scales), seq_aligner.MAX_NUM_WORDS)
@@ -788,11 +794,9 @@ def main(argv: list[str] | None = None) -> None:
             equalizer *= get_equalizer(target, word, [scale] * len(sweep_scales), tokenizer)
         if sweep_word is not None:
             equalizer *= get_equalizer(target, sweep_word, sweep_scales, tokenizer)
-        notes = ", ".join(f"{word} x{scale:g}" for word, scale in args.reweight)
-        captions = [source] + [
-            f"{target} ({', '.join(filter(None, [notes, sweep_word and f'{sweep_word} x{scale:g}']))})"
-            for scale in sweep_scales
-        ]
+        fixed = [f"{word} x{scale:g}" for word, scale in args.reweight]
+        swept = [[f"{sweep_word} x{scale:g}"] if sweep_word else [] for scale in sweep_scales]
+        captions = [source] + [f"{target} ({', '.join(fixed + notes)})" for notes in swept]
         controller = AttentionReweight(
             prompts, equalizer=equalizer, local_blend=local_blend, controller=controller, **settings
         )

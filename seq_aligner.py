@@ -14,11 +14,15 @@ target token has none (an added word keeps its own attention).
 
 from __future__ import annotations
 
-import argparse
 import string
+from typing import TYPE_CHECKING
+
+import cli
 
 import torch
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 MAX_NUM_WORDS = 77  # CLIP's context length: every cross-attention map has 77 columns.
 # The global alignment's scores, as in the paper's code.
@@ -164,7 +168,7 @@ def get_refinement_mapper(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Print the token mapping of a Prompt-to-Prompt word swap (or of a refinement)."
     )
     parser.add_argument("source", nargs="?", default="A lion eating", help="source prompt")
@@ -173,10 +177,18 @@ def main(argv: list[str] | None = None) -> None:
         "--refine", action="store_true", help="align the tokens globally (words added or removed)"
     )
     args = parser.parse_args(argv)
+    num_words = len(args.source.split(" ")), len(args.target.split(" "))
+    if not args.refine and num_words[0] != num_words[1]:
+        cli.usage_error(
+            f"a word swap keeps the number of words, but the source has {num_words[0]} and the target "
+            f"{num_words[1]}: add --refine to align prompts that add or remove words"
+        )
 
-    from ptp_utils import offline_clip_tokenizer
+    from ptp_utils import check_prompt_length, offline_clip_tokenizer
 
     tokenizer = offline_clip_tokenizer()
+    for name, prompt in (("source", args.source), ("target", args.target)):
+        check_prompt_length(tokenizer, prompt, name)
     source_tokens = tokenizer.convert_ids_to_tokens(tokenizer.encode(args.source))
     target_tokens = tokenizer.convert_ids_to_tokens(tokenizer.encode(args.target))
     if args.refine:

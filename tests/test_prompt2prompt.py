@@ -582,16 +582,51 @@ def test_command_line_sweep_draws_the_source_and_one_image_per_scale(tmp_path):
     assert np.array_equal(source, source[::2, ::2].repeat(2, 0).repeat(2, 1))
 
 
-@pytest.mark.parametrize("value", ["0.2,0.5,0.8", "most"])
+@pytest.mark.parametrize("value", ["0.2,0.5,0.8", "most", "0.8,0.2"])
 def test_replace_steps_other_than_a_fraction_or_a_range_are_refused(value, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         p2p.main(["--model", "tiny", "--cross-replace-steps", value])
-    assert 'give a fraction such as "0.8" or a range "0.2,0.8"' in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert 'give a fraction such as "0.8" or a range "0.2,0.8" within [0, 1]' in capsys.readouterr().err
 
 
-def test_unreachable_model_says_how_to_proceed_offline():
-    with pytest.raises(OSError, match="(?s)needs internet.*offline models: 'tiny'"):
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--blend-words", "cat", "dog"],
+            "--blend-words: 'dog' is not a word of the prompt 'a cat riding a motorcycle'",
+        ),
+        (
+            ["--blend-words", "dog", "cat"],
+            "--blend-words: 'dog' is not a word of the prompt 'a cat riding a bicycle'",
+        ),
+        (["--reweight-sweep", "dog=1,2"], "--reweight-sweep: 'dog' is not a word of the prompt"),
+        (["--target", "cat " * 80], "--target: the prompt has 82 tokens"),
+    ],
+)
+def test_command_line_words_that_are_not_in_the_prompts_are_refused(tmp_path, capsys, args, message):
+    out = tmp_path / "edit.png"
+    with pytest.raises(SystemExit) as exit_info:
+        p2p.main(["--model", "tiny", "--out", str(out), "--source", SOURCE, "--target", TARGET, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+def test_unreachable_model_says_what_failed_and_the_ways_out(tmp_path):
+    with pytest.raises(OSError) as error:
         p2p.load_model("no-such-user/no-such-model", device="cpu")
+    what, ways_out = str(error.value).splitlines()
+    assert what.startswith("Could not load the model 'no-such-user/no-such-model': it is not a local folder")
+    assert ways_out.startswith("Ways out: `hf download no-such-user/no-such-model` where there is internet")
+    assert "a local pipeline folder" in ways_out and ways_out.endswith("'tiny', 'sd1-random', 'shapes'.")
+    with pytest.raises(
+        OSError, match="the folder holds no diffusers pipeline .no model_index.json."
+    ) as error:
+        p2p.load_model(str(tmp_path), device="cpu")
+    assert len(str(error.value).splitlines()) == 2
 
 
 def test_shapes_model_without_its_folder_says_how_to_make_it(tmp_path, monkeypatch):
