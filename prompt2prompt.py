@@ -689,9 +689,7 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_MODEL_ID,
         help=f"hub id or local pipeline folder, or offline: {', '.join(ptp_utils.OFFLINE_MODELS)}",
     )
-    parser.add_argument(
-        "--steps", type=ptp_utils.positive_int, default=NUM_DIFFUSION_STEPS, help="denoising steps"
-    )
+    parser.add_argument("--steps", type=cli.positive_int, default=NUM_DIFFUSION_STEPS, help="denoising steps")
     parser.add_argument(
         "--guidance", type=float, default=GUIDANCE_SCALE, help="classifier-free guidance scale"
     )
@@ -710,7 +708,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--display-size",
-        type=ptp_utils.positive_int,
+        type=cli.positive_int,
         metavar="PX",
         help="enlarge each image to PX pixels wide (nearest neighbour) before its caption; None: as is",
     )

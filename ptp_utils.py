@@ -305,13 +305,6 @@ def check_sampler_steps(scheduler: SchedulerMixin, num_steps: int, name: str) ->
         cli.usage_error(f"--steps {num_steps}: the {name} sampler cannot run so few steps; give more")
 
 
-def positive_int(value: str) -> int:
-    """An argparse type: a count of at least 1."""
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: give a positive whole number")
-    return int(value)
-
-
 def image_path(value: str) -> str:
     """An argparse type: a file name whose extension names an image format PIL writes."""
     if Path(value).suffix.lower() not in Image.registered_extensions():
@@ -810,7 +803,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     parser.add_argument(
         "--steps",
-        type=positive_int,
+        type=cli.positive_int,
         nargs="+",
         default=list(SCHEDULER_GRID_STEPS),
         help="step counts: the grid's rows; the negative-prompt figure uses the last",

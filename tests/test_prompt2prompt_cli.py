@@ -18,7 +18,7 @@ MISTAKES = {
         (["--edit", "reweight", "--target", "a dog", "--reweight", "cat=2"], "--edit reweight reweights one"),
         (["--reweight", "cat"], "argument --reweight: 'cat': give a word and a scale"),
         (["--reweight-sweep", "cat="], "argument --reweight-sweep: 'cat=': give a word and its scales"),
-        (["--steps", "0"], "argument --steps: '0': give a positive whole number"),
+        (["--steps", "0"], "argument --steps: give a whole number of at least 1, not '0'"),
         (["--cross-replace-steps", "1.5"], "argument --cross-replace-steps: '1.5': give a fraction"),
         (
             ["--out", "edit.pdf.txt"],
