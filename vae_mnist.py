@@ -56,7 +56,7 @@ CHECKPOINT = "checkpoint.pt"
 
 @dataclass
 class VAEConfig:
-    """Model and training settings; the defaults are the ones the README's figures come from."""
+    """Model and training settings; the defaults are the ones docs/vae.md's figures come from."""
 
     latent_dim: int = 20
     hidden: tuple[int, ...] = (512, 256)

@@ -21,7 +21,7 @@
 
 Prints one JSON object last; --json writes it to a file too.
 
-    python bench/shapes_eval.py                 # the full evaluation (README's figures)
+    python bench/shapes_eval.py                 # the full evaluation (docs/shapes_world.md's figures)
     python bench/shapes_eval.py --quick         # a few of each, to check the plumbing
     python bench/shapes_eval.py --parts inversion --inversion-steps 20 --threads 1   # inversion alone
 """
