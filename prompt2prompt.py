@@ -14,12 +14,15 @@ LocalBlend confines any of them to the region of chosen words.
     python prompt2prompt.py --source "a cat riding a bicycle" --target "a fluffy cat riding a bicycle" \
                             --reweight fluffy=2 --blend-words cat cat
     python prompt2prompt.py --source "a cat riding a bicycle" --reweight-sweep cat=0,1,2,4
+    python prompt2prompt.py --image photo.jpg --source "a cat sitting next to a mirror" \
+                            --target "a tiger sitting next to a mirror" --save-inversion cat.safetensors
 """
 
 from __future__ import annotations
 
 import abc
 import argparse
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -617,15 +620,21 @@ EARLY_STOP_SLOPE = 2e-5
 INVERSION_KEYS = ("x_t", "uncond_embeddings")
 
 
+def open_image(path: str | Path) -> Image.Image:
+    """The picture file at `path`, read whole and converted to RGB (grey or RGBA too); ValueError if
+    it cannot be read."""
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except OSError as error:  # a missing file, or one that is not a picture PIL reads
+        raise ValueError(f"Cannot read the image {str(path)!r}: {error}") from error
+
+
 def load_image(model: StableDiffusionPipeline, image: ImageInput) -> Image.Image:
     """The picture as RGB at the model's resolution: a path, a PIL image or a uint8 array (H, W, 3),
     grey or RGBA converted, centre-cropped to a square and resized."""
     if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as opened:
-                image = opened.convert("RGB")
-        except OSError as error:  # a missing file, or one that is not a picture PIL reads
-            raise ValueError(f"Cannot read the image {str(image)!r}: {error}") from error
+        image = open_image(image)
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise ValueError(
@@ -827,6 +836,9 @@ def load_inversion(path: str | Path) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 # The command line's edits, by the controller under any reweighting (none: one prompt reweighted alone).
 EDITS = {"replace": AttentionReplace, "refine": AttentionRefine, "reweight": None}
+INVERSIONS = ("null-text", "negative-prompt", "ddim")
+DEFAULT_INVERSION = "null-text"
+INVERSION_SUFFIX = ".safetensors"
 
 
 def parse_steps(value: str) -> float | tuple[float, float]:
@@ -866,6 +878,62 @@ def parse_sweep(value: str) -> tuple[str, list[float]]:
     return word, scales
 
 
+def inversion_path(value: str) -> str:
+    """An argparse type: a file name for save_inversion's safetensors file."""
+    if Path(value).suffix != INVERSION_SUFFIX:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a file name ending in {INVERSION_SUFFIX}")
+    return value
+
+
+def check_writable(path: str, flag: str) -> None:
+    """For a script: the file it will write at `path` can be written (its folder, or the nearest folder
+    above that exists, is writable), checked before any work."""
+    folder = Path(path).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if Path(path).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        cli.usage_error(f"{flag} {path}: cannot write a file there; give a path in a writable folder")
+
+
+def invert_photo(
+    model: StableDiffusionPipeline, photo: Image.Image, prompt: str, args: argparse.Namespace
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """--image: x_T and the per-step null embeddings, read from --load-inversion (checked against the
+    model and --steps) or found by --inversion, and written to --save-inversion if asked."""
+    with torch.no_grad():
+        empty = encode_text(model, [""]).float()
+    if args.load_inversion:
+        with cli.user_errors(f"--load-inversion {args.load_inversion}", ValueError):
+            x_t, uncond_embeddings = load_inversion(args.load_inversion)
+        size = model.unet.config.sample_size
+        latent_shape = (1, model.unet.config.in_channels, size, size)
+        dim = uncond_embeddings[0].shape[-1]
+        if dim != empty.shape[-1] or tuple(x_t.shape) != latent_shape:
+            cli.usage_error(
+                f"--load-inversion {args.load_inversion}: it holds x_T {tuple(x_t.shape)} and {dim}-wide "
+                f"embeddings, but this --model takes x_T {latent_shape} and {empty.shape[-1]}-wide ones: "
+                "load it with the --model that inverted it"
+            )
+        if len(uncond_embeddings) != args.steps:
+            cli.usage_error(
+                f"--load-inversion {args.load_inversion}: the inversion has {len(uncond_embeddings)} steps "
+                f"but --steps is {args.steps}: pass --steps {len(uncond_embeddings)}"
+            )
+        return x_t, uncond_embeddings
+    inversion = getattr(args, "inversion", DEFAULT_INVERSION)
+    if inversion == "null-text":
+        x_t, uncond_embeddings = NullInversion(model, args.steps, args.guidance).invert(photo, prompt)
+    elif inversion == "negative-prompt":
+        x_t, uncond_embeddings = negative_prompt_inversion(model, photo, prompt, args.steps)
+    else:  # the ordinary unconditional branch, the empty prompt's embedding, stored per step like the others
+        x_t, uncond_embeddings = ddim_inversion(model, photo, prompt, args.steps)[-1], [empty] * args.steps
+    if args.save_inversion:
+        Path(args.save_inversion).parent.mkdir(parents=True, exist_ok=True)
+        save_inversion(args.save_inversion, x_t, uncond_embeddings)
+        print(f"wrote {args.save_inversion}")
+    return x_t, uncond_embeddings
+
+
 def enlarge(image: np.ndarray, width: int) -> np.ndarray:
     """`image` scaled to `width` pixels wide by nearest neighbour: crisp pixels, and room for a caption."""
     height = round(image.shape[0] * width / image.shape[1])
@@ -875,7 +943,8 @@ def enlarge(image: np.ndarray, width: int) -> np.ndarray:
 def main(argv: list[str] | None = None) -> None:
     parser = cli.ArgumentParser(
         description="Prompt-to-Prompt: the source image and its edit side by side, from the same noise "
-        "(a word swap, a refinement that adds or removes words, or an attention reweighting)."
+        "(a word swap, a refinement that adds or removes words, or an attention reweighting); with "
+        "--image, a real picture inverted to its noise, then edited: input | reconstruction | edit."
     )
     parser.add_argument(
         "--source",
@@ -915,6 +984,33 @@ def main(argv: list[str] | None = None) -> None:
         type=parse_sweep,
         metavar="WORD=S1,S2,...",
         help="one edited image per scale of the word, in a row after the source",
+    )
+    parser.add_argument(
+        "--image",
+        help="a real picture to edit, described by --source (grey or RGBA converted, centre-cropped to the "
+        "model's square); it is inverted to x_T and edited with the DDIM sampler. None: generate the "
+        "source from --seed",
+    )
+    parser.add_argument(
+        "--inversion",
+        choices=INVERSIONS,
+        default=argparse.SUPPRESS,
+        help=f"with --image, how to invert it: null-text optimises each step's null embedding (Mokady et "
+        f"al. 2023), negative-prompt uses the caption's own (no optimisation, Miyake et al. 2023), ddim "
+        f"alone drifts from the picture (default: {DEFAULT_INVERSION})",
+    )
+    parser.add_argument(
+        "--save-inversion",
+        type=inversion_path,
+        metavar="FILE",
+        help=f"with --image, write x_T and the null embeddings to this {INVERSION_SUFFIX} file, for "
+        "--load-inversion",
+    )
+    parser.add_argument(
+        "--load-inversion",
+        metavar="FILE",
+        help="with --image, read x_T and the null embeddings from a --save-inversion file instead of "
+        "inverting: one inversion serves many edits (keep --model, --steps and --guidance)",
     )
     parser.add_argument(
         "--model",
@@ -964,6 +1060,23 @@ def main(argv: list[str] | None = None) -> None:
     sweep_word, sweep_scales = args.reweight_sweep or (None, [1.0])
     reweighting = bool(args.reweight) or sweep_word is not None
     shapes = args.model == "shapes"
+    photo = None
+    inversion_flags = {"--inversion": hasattr(args, "inversion"), "--save-inversion": args.save_inversion}
+    inversion_flags["--load-inversion"] = args.load_inversion
+    given = [flag for flag, value in inversion_flags.items() if value]
+    if args.image is None and given:
+        cli.usage_error(f"{given[0]} inverts a picture: give --image PICTURE and --source, its caption")
+    if args.image is not None:
+        if not hasattr(args, "source"):
+            cli.usage_error("--image: give --source, the picture's caption (the inversion reconstructs it)")
+        if not (hasattr(args, "target") or reweighting):
+            cli.usage_error("--image: give --target, the caption edited (or --reweight to reweight --source)")
+        if args.load_inversion and len(given) > 1:
+            cli.usage_error(f"--load-inversion reads a finished inversion: drop {given[0]}")
+        if args.save_inversion:
+            check_writable(args.save_inversion, "--save-inversion")
+        with cli.user_errors("--image", ValueError):
+            photo = open_image(args.image)
     source = getattr(args, "source", SHAPES_SOURCE_PROMPT if shapes else SOURCE_PROMPT)
     default_target = source if reweighting else SHAPES_TARGET_PROMPT if shapes else TARGET_PROMPT
     target = getattr(args, "target", default_target)
@@ -988,6 +1101,10 @@ def main(argv: list[str] | None = None) -> None:
 
     dtype = getattr(args, "dtype", None)
     model = ptp_utils.load_pipeline_or_exit(args.model, args.device, dtype and getattr(torch, dtype))
+    if photo is not None:
+        with warnings.catch_warnings():  # --help says so: inversion and its edit run DDIM
+            warnings.simplefilter("ignore")
+            use_ddim(model)
     ptp_utils.check_sampler_steps(model.scheduler, args.steps, type(model.scheduler).__name__)
     tokenizer = model.tokenizer
     for flag, prompt in (("--source", source), ("--target", target)):
@@ -1030,6 +1147,9 @@ def main(argv: list[str] | None = None) -> None:
         controller = AttentionReweight(
             prompts, equalizer=equalizer, local_blend=local_blend, controller=controller, **settings
         )
+    x_t = uncond_embeddings = None
+    if photo is not None:
+        x_t, uncond_embeddings = invert_photo(model, photo, source, args)
     images, _ = text2image_ldm(
         model,
         prompts,
@@ -1037,8 +1157,13 @@ def main(argv: list[str] | None = None) -> None:
         args.steps,
         args.guidance,
         torch.Generator().manual_seed(args.seed),
+        x_t,
         low_resource=args.low_resource,
+        uncond_embeddings=uncond_embeddings,
     )
+    if photo is not None:  # the source row is the reconstruction: the inverted x_T denoised with --source
+        images = [np.asarray(load_image(model, photo)), *images]
+        captions = ["input", f"{source} (reconstruction)", *captions[1:]]
     if args.display_size:
         images = [enlarge(image, args.display_size) for image in images]
     tiles = [ptp_utils.text_under_image(image, caption) for image, caption in zip(images, captions)]

@@ -242,3 +242,55 @@ def test_another_scheduler_is_replaced_by_ddim_with_a_warning(tiny_pipe):
         p2p.negative_prompt_inversion(tiny_pipe, picture, "a cat", STEPS)
     assert type(tiny_pipe.scheduler) is DDIMScheduler
     assert tiny_pipe.scheduler.config.beta_schedule == "scaled_linear"
+
+
+CLI_STEPS = "5"  # the command line's inversions here: few steps, as the round trip is what is tested
+
+
+def edit_on_the_command_line(tmp_path, name, *args):
+    """Run prompt2prompt.py's main on the shapes model, the scene's triangle made a star; returns the
+    figure it wrote."""
+    out = tmp_path / f"{name}.png"
+    model = ["--model", "shapes", "--device", "cpu", "--steps", CLI_STEPS]
+    p2p.main([*model, "--source", SCENE.caption, "--target", TARGET, "--out", str(out), *args])
+    return np.asarray(Image.open(out))
+
+
+def tile(figure, k, size=sw.IMAGE_SIZE):
+    """Image k of a one-row figure of `size`-wide images (view_images' gaps between them)."""
+    gap = (figure.shape[1] - 3 * size) // 2
+    return figure[:size, k * (size + gap) : k * (size + gap) + size]
+
+
+@pytest.mark.parametrize("inversion", ["null-text", "ddim"])
+def test_a_saved_inversion_loaded_on_the_command_line_gives_the_same_edit(picture, tmp_path, inversion):
+    Image.fromarray(picture).save(tmp_path / "photo.png")
+    photo, inversion_file = str(tmp_path / "photo.png"), str(tmp_path / "inversion.safetensors")
+    inverted = edit_on_the_command_line(
+        tmp_path, "inverted", "--image", photo, "--inversion", inversion, "--save-inversion", inversion_file
+    )
+    loaded = edit_on_the_command_line(
+        tmp_path, "loaded", "--image", photo, "--load-inversion", inversion_file
+    )
+    assert np.array_equal(inverted, loaded)
+    # input | reconstruction | edit: the triangle became a star, the reconstruction stays nearer the input
+    reconstruction, edit = tile(inverted, 1), tile(inverted, 2)
+    assert np.array_equal(tile(inverted, 0), picture)
+    assert np.abs(edit.astype(int) - reconstruction.astype(int)).max() > 64
+    assert psnr(reconstruction, picture) > psnr(edit, picture) + 1
+
+
+def test_grey_and_rgba_pictures_are_converted_on_the_command_line(picture, tmp_path):
+    rgb = Image.fromarray(picture)
+    pictures = {"rgb": rgb, "rgba": rgb.convert("RGBA"), "grey": rgb.convert("L")}
+    pictures["grey_as_rgb"] = pictures["grey"].convert("RGB")
+    figures = {}
+    for name, image in pictures.items():
+        image.save(tmp_path / f"{name}_photo.png")
+        figures[name] = edit_on_the_command_line(
+            tmp_path, name, "--image", str(tmp_path / f"{name}_photo.png"), "--inversion", "negative-prompt"
+        )
+    assert np.array_equal(figures["rgba"], figures["rgb"])
+    assert np.array_equal(figures["grey"], figures["grey_as_rgb"])
+    assert np.array_equal(tile(figures["grey"], 0), np.asarray(pictures["grey_as_rgb"]))
+    assert not np.array_equal(figures["grey"], figures["rgb"])

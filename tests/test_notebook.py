@@ -15,6 +15,13 @@ EXPECTED_FIGURES = {
         "injection_study.png",
         "cross_attention.png",
         "token_count_swap.png",
+        "refinement.png",
+        "reweighting.png",
+        "local_blend.png",
+        "attention_swap.png",
+        "attention_refine.png",
+        "attention_reweight.png",
+        "own_photo.png",
     ],
     "textual_inversion": ["evaluation.png", "two_concepts.png"],
     "vae": [

@@ -6,10 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parent.parent
 LONG_PROMPT = "cat " * 80  # 82 tokens with the start and end tokens: more than CLIP's 77
+PHOTO = ["--model", "tiny", "--steps", "5", "--image", "photo.png", "--source", "a cat", "--target", "a dog"]
 
 MISTAKES = {
     "prompt2prompt.py": [
@@ -28,6 +33,20 @@ MISTAKES = {
         (["--model", "no-such-user/no-such-model"], "--model no-such-user/no-such-model: Could not load"),
         (["--model", "tiny", "--reweight", "dog=2"], "--reweight dog=2: 'dog' is not a word of the prompt"),
         (["--model", "tiny", "--source", LONG_PROMPT], "--source: the prompt has 82 tokens"),
+        (["--inversion", "ddim"], "--inversion inverts a picture: give --image"),
+        (["--save-inversion", "cat.safetensors"], "--save-inversion inverts a picture: give --image"),
+        (["--load-inversion", "cat.safetensors"], "--load-inversion inverts a picture: give --image"),
+        (["--image", "cat.png"], "--image: give --source, the picture's caption"),
+        (["--image", "cat.png", "--source", "a cat"], "--image: give --target, the caption edited"),
+        (PHOTO + ["--image", "missing.png"], "--image: Cannot read the image 'missing.png'"),
+        (
+            PHOTO + ["--save-inversion", "cat.pt"],
+            "argument --save-inversion: 'cat.pt': give a file name ending",
+        ),
+        (
+            PHOTO + ["--load-inversion", "cat.safetensors", "--inversion", "ddim"],
+            "--load-inversion reads a finished inversion: drop --inversion",
+        ),
     ],
     "ptp_utils.py": [
         (["schedulers", "--model", "tiny", "--steps", "2"], "--steps 2: the PNDM sampler cannot run so few"),
@@ -55,6 +74,35 @@ def test_a_mistake_ends_with_one_line_that_names_the_flag(tmp_path, script, args
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     assert message in result.stderr
     assert list(tmp_path.iterdir()) == []  # the default output (outputs/...) was not written
+
+
+# Mistakes about files: the picture, and inversions (tiny's latent is (1, 4, 16, 16), its embeddings 32 wide).
+FILE_MISTAKES = [
+    (["--image", "broken.png"], "--image: Cannot read the image 'broken.png'"),
+    (["--save-inversion", "photo.png/cat.safetensors"], "--save-inversion photo.png/cat.safetensors: cannot"),
+    (["--load-inversion", "notes.txt"], "--load-inversion notes.txt: Cannot read the inversion"),
+    (["--load-inversion", "weights.safetensors"], "weights.safetensors' is not a saved inversion"),
+    (["--load-inversion", "three_steps.safetensors"], "the inversion has 3 steps but --steps is 5: pass"),
+    (["--load-inversion", "wide.safetensors"], "it holds x_T (1, 4, 16, 16) and 64-wide embeddings, but"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), FILE_MISTAKES, ids=[a[-1] for a, _ in FILE_MISTAKES])
+def test_a_wrong_picture_or_inversion_file_ends_with_one_line_that_names_the_flag(tmp_path, args, message):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "photo.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "notes.txt").write_text("not tensors")
+    save_file({"weight": torch.zeros(3)}, tmp_path / "weights.safetensors")
+    for name, steps, dim in [("three_steps", 3, 32), ("wide", 5, 64)]:
+        inversion = {"x_t": torch.zeros(1, 4, 16, 16), "uncond_embeddings": torch.zeros(steps, 77, dim)}
+        save_file(inversion, tmp_path / f"{name}.safetensors")
+    files = sorted(tmp_path.iterdir())
+    result = run_script("prompt2prompt.py", PHOTO + args, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert message in result.stderr
+    assert sorted(tmp_path.iterdir()) == files  # nothing written
 
 
 def test_importing_prompt2prompt_leaves_the_heavy_libraries_unloaded():
