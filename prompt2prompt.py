@@ -5,27 +5,39 @@ initial noise x_T. At every step and layer, a controller sees the attention prob
 may edit those of P* (for example, inject the cross-attention maps of P through a token
 mapper), so the edited image keeps the source's layout while the changed words change.
 
+The edits: a word swap (AttentionReplace), a refinement that adds or removes words
+(AttentionRefine), and attention reweighting (AttentionReweight, alone or on top of either);
+LocalBlend confines any of them to the region of chosen words.
+
     python prompt2prompt.py --source "photo of a cat riding on a bicycle." \
                             --target "photo of a cat riding on a motorcycle."
+    python prompt2prompt.py --source "a cat riding a bicycle" --target "a fluffy cat riding a bicycle" \
+                            --reweight fluffy=2 --blend-words cat cat
+    python prompt2prompt.py --source "a cat riding a bicycle" --reweight-sweep cat=0,1,2,4
 """
 
 from __future__ import annotations
 
 import abc
 import argparse
-import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cli
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
 
 import ptp_utils
 import seq_aligner
 from ptp_utils import GUIDANCE_SCALE, NUM_DIFFUSION_STEPS
+
+if TYPE_CHECKING:  # loaded with the model (ptp_utils.load_pipeline): `import prompt2prompt` stays fast
+    from diffusers import StableDiffusionPipeline
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_MODEL_ID = ptp_utils.DEFAULT_MODEL_ID
 SEED = 8888
@@ -41,6 +53,7 @@ SHAPES_TARGET_PROMPT = "a large red star on a black background"
 MAX_STORED_QUERIES = 32**2
 MAX_SELF_REPLACE_QUERIES = 16**2
 LOCAL_BLEND_THRESHOLD = 0.3
+LOCAL_BLEND_START = 0.2  # the share of the steps before local blending starts
 
 
 def load_model(
@@ -64,8 +77,8 @@ def load_model(
 class AttentionControl(abc.ABC):
     """Base controller: called by every attention layer, it counts layers and denoising steps.
 
-    Only the conditional half of the batch (the prompts, not the unconditional branch of
-    classifier-free guidance) is passed to `forward`.
+    Only the prompts' attention probabilities reach it, never those of the unconditional branch
+    of classifier-free guidance (the layers do not even compute them).
     """
 
     def __init__(self):
@@ -101,11 +114,7 @@ class AttentionControl(abc.ABC):
     def __call__(self, attn: torch.Tensor | None, is_cross: bool, place_in_unet: str) -> torch.Tensor | None:
         """Called once per layer; `attn` is None when the layer ran fused because nothing needed it."""
         if attn is not None:
-            if self.low_resource:
-                attn = self.forward(attn, is_cross, place_in_unet)
-            else:
-                half = attn.shape[0] // 2
-                attn[half:] = self.forward(attn[half:], is_cross, place_in_unet)
+            attn = self.forward(attn, is_cross, place_in_unet)
         self.cur_att_layer += 1
         if self.cur_att_layer == self.num_att_layers + self.num_uncond_att_layers:
             self.cur_att_layer = 0
@@ -168,11 +177,39 @@ class AttentionStore(AttentionControl):
         return {key: [item / self.cur_step for item in maps] for key, maps in self.attention_store.items()}
 
 
-class LocalBlend:
-    """Keep the target's latents equal to the source's outside the region of the given words.
+def word_inds(text: str, word: int | str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token positions of `word` (an index, or a word: every occurrence) in `text`; ValueError if absent."""
+    num_words = len(text.split(" "))
+    if isinstance(word, int) and not -num_words <= word < num_words:
+        raise ValueError(f"Word index {word} is out of range: {text!r} has {num_words} words.")
+    inds = seq_aligner.get_word_inds(text, word, tokenizer)
+    if not inds:
+        raise ValueError(f"The word {word!r} is not in {text!r}.")
+    return inds
 
-    The region is where the words' cross-attention (summed over steps, averaged over layers and
-    heads, in source and target) exceeds `threshold` of its maximum.
+
+def attention_map_size(num_queries: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """Height and width of a UNet attention layer's map: the latent's, halved (rounding up, as the
+    UNet's strided convolutions do) until they hold `num_queries`."""
+    height, width = latent_size
+    while height * width > num_queries:
+        height, width = -(-height // 2), -(-width // 2)
+    if height * width != num_queries:
+        raise ValueError(
+            f"No attention map of a {latent_size[0]}x{latent_size[1]} latent has {num_queries} queries."
+        )
+    return height, width
+
+
+class LocalBlend:
+    """Keep the targets' latents equal to the source's outside the region of the given words.
+
+    The region is where the words' cross-attention (summed over the steps so far, averaged over
+    heads and the stored layers at each layer's own resolution, widened by one latent pixel)
+    exceeds `threshold` of its maximum, in the source or in the target; `threshold` may be a
+    (source, target) pair. The region of `substruct_words` is kept out of the edit. Blending starts
+    after `start_blend` of the steps. `words` and `substruct_words` hold one entry per prompt (a
+    word or a list of words).
     """
 
     def __init__(
@@ -180,32 +217,60 @@ class LocalBlend:
         prompts: list[str],
         words: list[str | list[str]],
         tokenizer: PreTrainedTokenizerBase,
-        threshold: float = LOCAL_BLEND_THRESHOLD,
+        threshold: float | tuple[float, float] = LOCAL_BLEND_THRESHOLD,
+        substruct_words: list[str | list[str]] | None = None,
+        start_blend: float = LOCAL_BLEND_START,
     ):
-        self.alpha_layers = torch.zeros(len(prompts), 1, 1, 1, seq_aligner.MAX_NUM_WORDS)
+        thresholds = (threshold, threshold) if isinstance(threshold, (int, float)) else tuple(threshold)
+        if len(thresholds) != 2:
+            raise ValueError(f"threshold is a number or a (source, target) pair, got {threshold!r}.")
+        if not 0 <= start_blend <= 1:
+            raise ValueError(f"start_blend is a fraction of the steps in [0, 1], got {start_blend!r}.")
+        word_sets = [words] if substruct_words is None else [words, substruct_words]
+        # (prompts, word sets, tokens)
+        self.word_weights = torch.stack([self.weights(prompts, ws, tokenizer) for ws in word_sets], dim=1)
+        self.thresholds = torch.tensor([thresholds[0]] + [thresholds[1]] * (len(prompts) - 1))
+        self.start_blend = start_blend
+
+    @staticmethod
+    def weights(
+        prompts: list[str], words: list[str | list[str]], tokenizer: PreTrainedTokenizerBase
+    ) -> torch.Tensor:
+        """(prompts, 77): 1 at the tokens of each prompt's words."""
+        if len(words) != len(prompts):
+            raise ValueError(
+                f"LocalBlend takes one entry of words per prompt (source first): {len(words)} for "
+                f"{len(prompts)} prompts."
+            )
+        weights = torch.zeros(len(prompts), seq_aligner.MAX_NUM_WORDS)
         for i, (prompt, prompt_words) in enumerate(zip(prompts, words)):
             for word in [prompt_words] if isinstance(prompt_words, str) else prompt_words:
-                inds = seq_aligner.get_word_inds(prompt, word, tokenizer)
-                if not inds:
-                    raise ValueError(f"LocalBlend word {word!r} is not in the prompt {prompt!r}.")
-                self.alpha_layers[i, :, :, :, inds] = 1
-        self.threshold = threshold
+                weights[i, word_inds(prompt, word, tokenizer)] = 1
+        return weights
 
-    def __call__(self, x_t: torch.Tensor, attention_store: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+    def __call__(
+        self, x_t: torch.Tensor, attention_store: dict[str, list[torch.Tensor]], step: int, num_steps: int
+    ) -> torch.Tensor:
+        """The latents after denoising step `step` (from 0) of `num_steps`, blended from `start_blend` on."""
+        if step < int(self.start_blend * num_steps):
+            return x_t
         maps = attention_store["down_cross"] + attention_store["mid_cross"] + attention_store["up_cross"]
-        masks = []
-        self.alpha_layers = self.alpha_layers.to(x_t.device)  # copied to the GPU once, not per map
-        for item in maps:  # (prompts * heads, queries, words)
-            res = int(item.shape[1] ** 0.5)
-            item = item.reshape(len(self.alpha_layers), -1, res, res, item.shape[-1])
-            word_map = (item * self.alpha_layers).sum(-1).mean(1, keepdim=True)
-            masks.append(F.interpolate(word_map, size=x_t.shape[2:], mode="bilinear"))
-        mask = torch.stack(masks).mean(0)
-        mask = F.max_pool2d(mask, kernel_size=3, stride=1, padding=1)
-        mask = mask / mask.amax(dim=(2, 3), keepdim=True).clamp(min=1e-12)
-        mask = mask.gt(self.threshold)
-        mask = (mask[:1] | mask[1:]).to(x_t.dtype)  # the edit region of the source or of the target
-        return torch.cat([x_t[:1], x_t[:1] + mask * (x_t[1:] - x_t[:1])])
+        self.word_weights = weights = self.word_weights.to(x_t.device)  # copied to the GPU once
+        self.thresholds = self.thresholds.to(x_t.device)
+        regions = []
+        for item in maps:  # (prompts * heads, queries, tokens)
+            height, width = attention_map_size(item.shape[1], x_t.shape[2:])
+            item = item.float().reshape(len(weights), -1, height, width, item.shape[-1])
+            region = torch.einsum("bhxyt,bkt->bkxy", item, weights) / item.shape[1]  # mean over heads
+            regions.append(F.interpolate(region, size=x_t.shape[2:], mode="bilinear"))
+        regions = torch.stack(regions).mean(0)  # (prompts, word sets, height, width)
+        # A latent pixel of margin around the edit region, none around the region kept out of it.
+        regions[:, :1] = F.max_pool2d(regions[:, :1], kernel_size=3, stride=1, padding=1)
+        regions = regions / regions.amax(dim=(2, 3), keepdim=True).clamp(min=1e-12)
+        regions = regions.gt(self.thresholds[:, None, None, None])
+        regions = regions[:1] | regions[1:]  # the region in the source or in the target
+        mask = regions[:, :1] & ~regions[:, 1:].any(1, keepdim=True)
+        return torch.cat([x_t[:1], torch.where(mask, x_t[1:], x_t[:1])])
 
 
 class AttentionControlEdit(AttentionStore, abc.ABC):
@@ -234,6 +299,7 @@ class AttentionControlEdit(AttentionStore, abc.ABC):
             )
         if tokenizer is None:
             raise ValueError("Pass the model's tokenizer, for example tokenizer=model.tokenizer.")
+        self.prompts = list(prompts)
         self.batch_size = len(prompts)
         self.num_steps = num_steps
         cross_replace_alpha = ptp_utils.get_time_words_attention_alpha(
@@ -246,11 +312,22 @@ class AttentionControlEdit(AttentionStore, abc.ABC):
         start, end = ptp_utils.replace_steps_bounds(self_replace_steps, "self_replace_steps")
         self.num_self_replace = int(num_steps * start), int(num_steps * end)
         self.local_blend = local_blend
+        self.tensors_by_dtype = {}
+
+    def float_tensors(self) -> dict[str, torch.Tensor]:
+        """The edit's float tensors that meet the attention probabilities, by name."""
+        return {"cross_replace_alpha": self.cross_replace_alpha}
+
+    def in_dtype(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """`float_tensors` in the attention's dtype: converted once per dtype, not at every layer."""
+        if dtype not in self.tensors_by_dtype:
+            self.tensors_by_dtype[dtype] = {name: t.to(dtype) for name, t in self.float_tensors().items()}
+        return self.tensors_by_dtype[dtype]
 
     def step_callback(self, x_t: torch.Tensor) -> torch.Tensor:
         """Local blending, where asked: the edit keeps the source's latents outside the words' region."""
         if self.local_blend is not None:
-            x_t = self.local_blend(x_t, self.attention_store)
+            x_t = self.local_blend(x_t, self.attention_store, self.cur_step - 1, self.num_steps)
         return x_t
 
     def replaces_cross_attention_now(self) -> bool:
@@ -275,7 +352,8 @@ class AttentionControlEdit(AttentionStore, abc.ABC):
 
     @abc.abstractmethod
     def replace_cross_attention(self, attn_base: torch.Tensor, att_replace: torch.Tensor) -> torch.Tensor:
-        """The targets' new cross-attention, from the source's (heads, queries, words)."""
+        """The targets' new cross-attention (targets, heads, queries, tokens), from the source's
+        (heads, queries, tokens) and their own."""
 
     def forward(self, attn: torch.Tensor, is_cross: bool, place_in_unet: str) -> torch.Tensor:
         if self.local_blend is not None and is_cross:
@@ -286,10 +364,9 @@ class AttentionControlEdit(AttentionStore, abc.ABC):
             attn = attn.reshape(self.batch_size, -1, *attn.shape[1:])
             attn_base, attn_replace = attn[0], attn[1:]
             if is_cross:
-                alpha_words = self.cross_replace_alpha[self.cur_step].to(attn.dtype)
-                attn_replace_new = (
-                    self.replace_cross_attention(attn_base, attn_replace) * alpha_words
-                    + (1 - alpha_words) * attn_replace
+                alpha_words = self.in_dtype(attn.dtype)["cross_replace_alpha"][self.cur_step]
+                attn_replace_new = torch.lerp(
+                    attn_replace, self.replace_cross_attention(attn_base, attn_replace), alpha_words
                 )
             else:
                 attn_replace_new = self.replace_self_attention(attn_base, attn_replace)
@@ -315,9 +392,106 @@ class AttentionReplace(AttentionControlEdit):
         )
         self.mapper = seq_aligner.get_replacement_mapper(prompts, tokenizer).to(device)
 
+    def float_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().float_tensors(), "mapper": self.mapper}
+
     def replace_cross_attention(self, attn_base: torch.Tensor, att_replace: torch.Tensor) -> torch.Tensor:
         # target[b, h, p, j] = sum_i source[h, p, i] * mapper[b, i, j]
-        return torch.einsum("hpi,bij->bhpj", attn_base, self.mapper.to(attn_base.dtype))
+        return torch.einsum("hpi,bij->bhpj", attn_base, self.in_dtype(attn_base.dtype)["mapper"])
+
+
+class AttentionRefine(AttentionControlEdit):
+    """Refinement (words added or removed): each target token takes the source's map of the token it
+    aligns with (a global alignment of the token sequences); added tokens keep their own maps."""
+
+    def __init__(
+        self,
+        prompts: list[str],
+        num_steps: int,
+        cross_replace_steps: float | tuple[float, float] | dict,
+        self_replace_steps: float | tuple[float, float],
+        local_blend: LocalBlend | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        device: str | torch.device | None = None,
+    ):
+        super().__init__(
+            prompts, num_steps, cross_replace_steps, self_replace_steps, local_blend, tokenizer, device
+        )
+        mapper, alphas = seq_aligner.get_refinement_mapper(prompts, tokenizer)
+        self.mapper = mapper.to(device)
+        self.alphas = alphas[:, None, None, :].to(device)  # (targets, 1, 1, tokens)
+
+    def float_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().float_tensors(), "alphas": self.alphas}
+
+    def replace_cross_attention(self, attn_base: torch.Tensor, att_replace: torch.Tensor) -> torch.Tensor:
+        # target[b, h, p, j] = source[h, p, mapper[b, j]] where the token aligns, its own map where added
+        attn_base_replace = attn_base[:, :, self.mapper].permute(2, 0, 1, 3)
+        return torch.lerp(att_replace, attn_base_replace, self.in_dtype(attn_base.dtype)["alphas"])
+
+
+def get_equalizer(
+    text: str,
+    word_select: int | str | Sequence[int | str],
+    values: Sequence[float],
+    tokenizer: PreTrainedTokenizerBase,
+) -> torch.Tensor:
+    """The scales of AttentionReweight, shape (len(values), 77): row i holds values[i] at every token of
+    every selected word (an index or a word of `text`), 1 elsewhere."""
+    words = [word_select] if isinstance(word_select, (int, str)) else list(word_select)
+    equalizer = torch.ones(len(values), seq_aligner.MAX_NUM_WORDS)
+    values = torch.tensor(values, dtype=torch.float32)
+    for word in words:
+        equalizer[:, word_inds(text, word, tokenizer)] = values[:, None]
+    return equalizer
+
+
+class AttentionReweight(AttentionControlEdit):
+    """Attention reweighting: the targets' cross-attention to each token is scaled by `equalizer`
+    (len(prompts) - 1, 77), so a word weighs more (> 1) or less (< 1) in the image.
+
+    Alone, the targets take the source's maps, scaled. With `controller` (an AttentionReplace or
+    AttentionRefine on the same prompts) its edit comes first and the scaling on top of it.
+    """
+
+    def __init__(
+        self,
+        prompts: list[str],
+        num_steps: int,
+        cross_replace_steps: float | tuple[float, float] | dict,
+        self_replace_steps: float | tuple[float, float],
+        equalizer: torch.Tensor,
+        local_blend: LocalBlend | None = None,
+        controller: AttentionControlEdit | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        device: str | torch.device | None = None,
+    ):
+        super().__init__(
+            prompts, num_steps, cross_replace_steps, self_replace_steps, local_blend, tokenizer, device
+        )
+        equalizer = torch.as_tensor(equalizer, dtype=torch.float32)
+        if equalizer.shape != (len(prompts) - 1, seq_aligner.MAX_NUM_WORDS):
+            raise ValueError(
+                f"equalizer must have shape (len(prompts) - 1, {seq_aligner.MAX_NUM_WORDS}) = "
+                f"({len(prompts) - 1}, {seq_aligner.MAX_NUM_WORDS}), got {tuple(equalizer.shape)}: "
+                f"one row of scales per target prompt, as get_equalizer makes."
+            )
+        if controller is not None and (
+            not isinstance(controller, AttentionControlEdit) or controller.prompts != self.prompts
+        ):
+            raise ValueError(
+                "controller must be an AttentionReplace or AttentionRefine built on the same prompts."
+            )
+        self.equalizer = equalizer[:, None, None, :].to(device)  # (targets, 1, 1, tokens)
+        self.controller = controller
+
+    def float_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().float_tensors(), "equalizer": self.equalizer}
+
+    def replace_cross_attention(self, attn_base: torch.Tensor, att_replace: torch.Tensor) -> torch.Tensor:
+        if self.controller is not None:
+            attn_base = self.controller.replace_cross_attention(attn_base, att_replace)
+        return attn_base * self.in_dtype(attn_base.dtype)["equalizer"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,82 +588,231 @@ def run_and_display(
     return ptp_utils.view_images(captioned, save_path=save_path), images, x_t
 
 
+# ---------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------
+
+
+# The command line's edits, by the controller under any reweighting (none: one prompt reweighted alone).
+EDITS = {"replace": AttentionReplace, "refine": AttentionRefine, "reweight": None}
+
+
 def parse_steps(value: str) -> float | tuple[float, float]:
-    """A replace-steps argument: "0.8" or "0.2,0.8"."""
+    """A replace-steps argument: "0.8" or "0.2,0.8", fractions of the steps."""
     try:
         numbers = tuple(float(v) for v in value.split(","))
     except ValueError:
         numbers = ()
-    if len(numbers) not in (1, 2):
-        raise argparse.ArgumentTypeError(f'{value!r}: give a fraction such as "0.8" or a range "0.2,0.8"')
+    if len(numbers) not in (1, 2) or not 0 <= numbers[0] <= numbers[-1] <= 1:
+        raise argparse.ArgumentTypeError(
+            f'{value!r}: give a fraction such as "0.8" or a range "0.2,0.8" within [0, 1]'
+        )
     return numbers[0] if len(numbers) == 1 else numbers
 
 
+def parse_reweight(value: str) -> tuple[str, float]:
+    """A --reweight argument: WORD=SCALE."""
+    word, _, scale = value.rpartition("=")
+    try:
+        scale = float(scale)
+    except ValueError:
+        word = ""
+    if not word:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a word and a scale, such as fluffy=2")
+    return word, scale
+
+
+def parse_sweep(value: str) -> tuple[str, list[float]]:
+    """A --reweight-sweep argument: WORD=SCALE,SCALE,..."""
+    word, _, scales = value.rpartition("=")
+    try:
+        scales = [float(scale) for scale in scales.split(",")]
+    except ValueError:
+        word = ""
+    if not word:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a word and its scales, such as fluffy=0,1,2,4")
+    return word, scales
+
+
+def enlarge(image: np.ndarray, width: int) -> np.ndarray:
+    """`image` scaled to `width` pixels wide by nearest neighbour: crisp pixels, and room for a caption."""
+    height = round(image.shape[0] * width / image.shape[1])
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.NEAREST))
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Prompt-to-Prompt word swap: generate the source and the edited image side by side."
+    parser = cli.ArgumentParser(
+        description="Prompt-to-Prompt: the source image and its edit side by side, from the same noise "
+        "(a word swap, a refinement that adds or removes words, or an attention reweighting)."
     )
     parser.add_argument(
-        "--source", help=f"source prompt (default: {SOURCE_PROMPT!r}; {SHAPES_SOURCE_PROMPT!r} for shapes)"
+        "--source",
+        default=argparse.SUPPRESS,
+        help=f"source prompt (default: {SOURCE_PROMPT!r}; {SHAPES_SOURCE_PROMPT!r} with --model shapes)",
     )
     parser.add_argument(
         "--target",
-        help=f"target prompt (default: {TARGET_PROMPT!r}; {SHAPES_TARGET_PROMPT!r} for shapes)",
+        default=argparse.SUPPRESS,
+        help=f"target prompt (default: {TARGET_PROMPT!r}; {SHAPES_TARGET_PROMPT!r} with --model shapes; "
+        "with --reweight or --reweight-sweep, the source itself: one prompt reweighted against itself)",
+    )
+    parser.add_argument(
+        "--edit",
+        choices=EDITS,
+        default=argparse.SUPPRESS,
+        help="replace: swap words; refine: add or remove words; reweight: only reweight one prompt "
+        "(default: replace when the prompts have the same number of words, else refine; reweight "
+        "when they are one prompt)",
+    )
+    parser.add_argument(
+        "--blend-words",
+        nargs=2,
+        metavar=("SOURCE_WORD", "TARGET_WORD"),
+        help="local blend: edit only where these words are, keep the source's image elsewhere",
+    )
+    parser.add_argument(
+        "--reweight",
+        type=parse_reweight,
+        action="append",
+        default=[],
+        metavar="WORD=SCALE",
+        help="scale the target's attention to a word (repeatable); on top of the swap or refinement",
+    )
+    parser.add_argument(
+        "--reweight-sweep",
+        type=parse_sweep,
+        metavar="WORD=S1,S2,...",
+        help="one edited image per scale of the word, in a row after the source",
     )
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL_ID,
         help=f"hub id or local pipeline folder, or offline: {', '.join(ptp_utils.OFFLINE_MODELS)}",
     )
-    parser.add_argument("--steps", type=int, default=NUM_DIFFUSION_STEPS, help="denoising steps")
+    parser.add_argument(
+        "--steps", type=ptp_utils.positive_int, default=NUM_DIFFUSION_STEPS, help="denoising steps"
+    )
     parser.add_argument(
         "--guidance", type=float, default=GUIDANCE_SCALE, help="classifier-free guidance scale"
     )
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the shared initial noise x_T")
     parser.add_argument(
-        "--cross-replace-steps", type=parse_steps, default=CROSS_REPLACE_STEPS, help='fraction or "start,end"'
+        "--cross-replace-steps",
+        type=parse_steps,
+        default=CROSS_REPLACE_STEPS,
+        help='share of the steps that inject cross-attention: a fraction or "start,end"',
     )
     parser.add_argument(
-        "--self-replace-steps", type=parse_steps, default=SELF_REPLACE_STEPS, help='fraction or "start,end"'
+        "--self-replace-steps",
+        type=parse_steps,
+        default=SELF_REPLACE_STEPS,
+        help='share of the steps that inject self-attention: a fraction or "start,end"',
     )
-    parser.add_argument("--out", default="outputs/p2p_edit.png", help="PNG to write")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
-        "--dtype", choices=["float16", "bfloat16", "float32"], default=None, help="default: fp16 on CUDA"
+        "--display-size",
+        type=ptp_utils.positive_int,
+        metavar="PX",
+        help="enlarge each image to PX pixels wide (nearest neighbour) before its caption; None: as is",
+    )
+    parser.add_argument(
+        "--out", type=ptp_utils.image_path, default="outputs/p2p_edit.png", help="image file to write"
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N, mps or cpu"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default=argparse.SUPPRESS,
+        help="the model's precision (default: float16 on CUDA, float32 elsewhere)",
     )
     parser.add_argument(
         "--low-resource", action="store_true", help="run the two guidance branches one at a time"
     )
     args = parser.parse_args(argv)
 
-    try:
-        model = load_model(args.model, args.device, args.dtype and getattr(torch, args.dtype))
-        shapes = args.model == "shapes"
-        prompts = [
-            args.source or (SHAPES_SOURCE_PROMPT if shapes else SOURCE_PROMPT),
-            args.target or (SHAPES_TARGET_PROMPT if shapes else TARGET_PROMPT),
-        ]
-        controller = AttentionReplace(
-            prompts,
-            args.steps,
-            cross_replace_steps=args.cross_replace_steps,
-            self_replace_steps=args.self_replace_steps,
-            tokenizer=model.tokenizer,
-            device=model.device,
+    sweep_word, sweep_scales = args.reweight_sweep or (None, [1.0])
+    reweighting = bool(args.reweight) or sweep_word is not None
+    shapes = args.model == "shapes"
+    source = getattr(args, "source", SHAPES_SOURCE_PROMPT if shapes else SOURCE_PROMPT)
+    default_target = source if reweighting else SHAPES_TARGET_PROMPT if shapes else TARGET_PROMPT
+    target = getattr(args, "target", default_target)
+    num_words = len(source.split(" ")), len(target.split(" "))
+    if reweighting and source == target:
+        default_edit = "reweight"
+    else:
+        default_edit = "replace" if num_words[0] == num_words[1] else "refine"
+    edit = getattr(args, "edit", default_edit)
+    if edit == "reweight" and not reweighting:
+        cli.usage_error("--edit reweight: give --reweight WORD=SCALE or --reweight-sweep WORD=S1,S2,...")
+    if edit == "reweight" and source != target:
+        cli.usage_error(
+            "--edit reweight reweights one prompt against itself: drop --target, or drop --edit to "
+            "reweight on top of the swap or refinement"
         )
-        generator = torch.Generator().manual_seed(args.seed)
-        run_and_display(
-            model,
-            prompts,
-            controller,
-            generator=generator,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            save_path=args.out,
-            low_resource=args.low_resource,
+    if edit == "replace" and num_words[0] != num_words[1]:
+        cli.usage_error(
+            f"--edit replace swaps words, but the source has {num_words[0]} words and the target "
+            f"{num_words[1]}: use --edit refine"
         )
-    except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
+
+    dtype = getattr(args, "dtype", None)
+    model = ptp_utils.load_pipeline_or_exit(args.model, args.device, dtype and getattr(torch, dtype))
+    ptp_utils.check_sampler_steps(model.scheduler, args.steps, type(model.scheduler).__name__)
+    tokenizer = model.tokenizer
+    for flag, prompt in (("--source", source), ("--target", target)):
+        ptp_utils.check_prompt_length(tokenizer, prompt, flag)
+    named_words = [(f"--reweight {word}={scale:g}", word, target) for word, scale in args.reweight]
+    if sweep_word is not None:
+        named_words.append(("--reweight-sweep", sweep_word, target))
+    if args.blend_words:
+        named_words += [("--blend-words", word, p) for word, p in zip(args.blend_words, (source, target))]
+    for flag, word, prompt in named_words:
+        if not seq_aligner.get_word_inds(prompt, word, tokenizer):
+            cli.usage_error(f"{flag}: {word!r} is not a word of the prompt {prompt!r}: name one of its words")
+
+    # A sweep edits one copy of the target per scale, all in one batch.
+    prompts = [source] + [target] * len(sweep_scales)
+    settings = dict(
+        num_steps=args.steps,
+        cross_replace_steps=args.cross_replace_steps,
+        self_replace_steps=args.self_replace_steps,
+        tokenizer=tokenizer,
+        device=model.device,
+    )
+    local_blend = None
+    if args.blend_words:
+        blend_words = [args.blend_words[0]] + [args.blend_words[1]] * len(sweep_scales)
+        local_blend = LocalBlend(prompts, blend_words, tokenizer)
+    controller = None
+    if EDITS[edit] is not None:  # the swap or refinement; under a reweighting, the reweighting blends
+        controller = EDITS[edit](prompts, local_blend=None if reweighting else local_blend, **settings)
+    captions = [source] + [target] * len(sweep_scales)
+    if reweighting:
+        equalizer = torch.ones(len(sweep_scales), seq_aligner.MAX_NUM_WORDS)
+        for word, scale in args.reweight:
+            equalizer *= get_equalizer(target, word, [scale] * len(sweep_scales), tokenizer)
+        if sweep_word is not None:
+            equalizer *= get_equalizer(target, sweep_word, sweep_scales, tokenizer)
+        fixed = [f"{word} x{scale:g}" for word, scale in args.reweight]
+        swept = [[f"{sweep_word} x{scale:g}"] if sweep_word else [] for scale in sweep_scales]
+        captions = [source] + [f"{target} ({', '.join(fixed + notes)})" for notes in swept]
+        controller = AttentionReweight(
+            prompts, equalizer=equalizer, local_blend=local_blend, controller=controller, **settings
+        )
+    images, _ = text2image_ldm(
+        model,
+        prompts,
+        controller,
+        args.steps,
+        args.guidance,
+        torch.Generator().manual_seed(args.seed),
+        low_resource=args.low_resource,
+    )
+    if args.display_size:
+        images = [enlarge(image, args.display_size) for image in images]
+    tiles = [ptp_utils.text_under_image(image, caption) for image, caption in zip(images, captions)]
+    ptp_utils.view_images(tiles, save_path=args.out)
     print(f"wrote {args.out}")
 
 

@@ -4,6 +4,11 @@ The attention processors that let a controller read and edit attention, one deno
 with classifier-free guidance, latent <-> image conversions, image grids with captions, and
 the attention-map figures. Also the offline pieces: the real CLIP tokenizer built from the
 vocabulary that open_clip_torch ships, and a tiny random-weight Stable Diffusion pipeline.
+
+diffusers, transformers and matplotlib are imported by the functions that use them, so that
+importing this module (and prompt2prompt) takes torch's time only.
+
+    python ptp_utils.py schedulers --model shapes --prompt "a large blue star on a gray background"
 """
 
 from __future__ import annotations
@@ -14,29 +19,19 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cli
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from diffusers.utils.torch_utils import randn_tensor
-from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from seq_aligner import get_word_inds
 
 if TYPE_CHECKING:  # the controllers are prompt2prompt's, which imports this module
+    from diffusers import AutoencoderKL, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.models.attention_processor import Attention, AttentionProcessor
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from prompt2prompt import AttentionControl, AttentionStore
 
@@ -60,13 +55,13 @@ OFFLINE_MODELS = {
     "sd1-random": "Stable Diffusion 1.x's full architecture with random weights, for benchmarks",
     "shapes": "the Shapes World model that shapes_train.py trains into models/shapes, 64x64",
 }
-# The samplers of the diffusion-practice experiments, built from the pipeline's own schedule.
+# The samplers of the diffusion-practice experiments (diffusers class names), from the pipeline's schedule.
 SCHEDULERS = {
-    "Euler": EulerDiscreteScheduler,
-    "Euler Ancestral": EulerAncestralDiscreteScheduler,
-    "DPM-Solver++": DPMSolverMultistepScheduler,
-    "DDIM": DDIMScheduler,
-    "PNDM": PNDMScheduler,
+    "Euler": "EulerDiscreteScheduler",
+    "Euler Ancestral": "EulerAncestralDiscreteScheduler",
+    "DPM-Solver++": "DPMSolverMultistepScheduler",
+    "DDIM": "DDIMScheduler",
+    "PNDM": "PNDMScheduler",
 }
 SCHEDULER_GRID_STEPS = (10, 25, 50)
 CLIP_MAX_LENGTH = 77
@@ -82,6 +77,9 @@ def offline_clip_tokenizer() -> CLIPTokenizer:
     open_clip_torch ships the BPE merges; the vocabulary follows from them exactly as CLIP
     defines it. Only the data file is read, so open_clip itself (and torchvision) need not import.
     """
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
@@ -101,6 +99,8 @@ def offline_clip_tokenizer() -> CLIPTokenizer:
 
 def make_clip_text_encoder(tokenizer: CLIPTokenizer, **sizes) -> CLIPTextModel:
     """A randomly initialised CLIP text encoder of the given sizes that reads `tokenizer`'s ids."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -120,6 +120,8 @@ def make_tiny_pipeline(seed: int = 0, tokenizer: CLIPTokenizer | None = None) ->
     up attention, a CLIP text encoder, the real CLIP tokenizer, SD's schedule): it proves the
     plumbing, not the pictures.
     """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     tokenizer = tokenizer or offline_clip_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -155,6 +157,8 @@ def make_sd1_random_pipeline() -> StableDiffusionPipeline:
 
     For benchmarks without a download: same sizes, same cost, no pictures.
     """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     tokenizer = offline_clip_tokenizer()
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
     vae = AutoencoderKL(
@@ -181,6 +185,8 @@ def assemble_pipeline(
     vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: CLIPTokenizer
 ) -> StableDiffusionPipeline:
     """The parts as a Stable Diffusion pipeline with SD's schedule (DDIM sampling), no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -219,8 +225,11 @@ def load_pipeline(
     """A Stable Diffusion pipeline from the hub, a local folder, or an offline short name ("shapes").
 
     fp16 on CUDA and fp32 on CPU unless `dtype` says otherwise; the safety checker stays as the
-    pipeline ships it. A model that cannot be had says how to proceed offline.
+    pipeline ships it. A model that cannot be had raises OSError: what failed, and the ways out.
     """
+    from diffusers import StableDiffusionPipeline
+
+    cli.silence_third_party()  # now that diffusers and transformers are imported: their loading bars
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if model_id == "shapes":
@@ -235,18 +244,79 @@ def load_pipeline(
         model = make_tiny_pipeline() if model_id == "tiny" else make_sd1_random_pipeline()
         return model.to(device) if dtype == torch.float32 else model.to(device, dtype)
     try:
-        model = StableDiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)
-    except OSError as error:
-        offline = ", ".join(f"'{name}' ({what})" for name, what in OFFLINE_MODELS.items())
+        model = StableDiffusionPipeline.from_pretrained(model_id, dtype=dtype)
+    except (OSError, ValueError) as error:  # ValueError: neither a folder nor a valid hub id
+        folder = Path(model_id).is_dir()
+        if folder:
+            failure = "the folder holds no diffusers pipeline (no model_index.json)"
+        else:
+            failure = (
+                "it is not a local folder, not in the Hugging Face cache, and the hub did not provide it"
+            )
+        download = "HUB_ID" if folder else model_id
+        offline = ", ".join(f"'{name}'" for name in OFFLINE_MODELS)
         raise OSError(
-            f"Could not load the model '{model_id}': {error}\n"
-            f"It downloads from the Hugging Face hub on first use, which needs internet. Offline, use a "
-            f"copy: "
-            f"download it once where there is internet (`huggingface-cli download {model_id}`), copy "
-            f"~/.cache/huggingface here and set HF_HUB_OFFLINE=1, or pass the downloaded folder instead of "
-            f"the id; or use one of the offline models: {offline}."
+            f"Could not load the model '{model_id}': {failure}.\n"
+            f"Ways out: `hf download {download}` where there is internet (then HF_HUB_OFFLINE=1 here), "
+            f"a local pipeline folder, or an offline model: {offline}."
         ) from error
     return model.to(device)
+
+
+def load_pipeline_or_exit(
+    model_id: str, device: str | None, dtype: torch.dtype | None = None
+) -> StableDiffusionPipeline:
+    """`load_pipeline` for a script: a device or model that cannot be had ends it with one line
+    that names --device or --model (exit code 2)."""
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            cli.usage_error(f"--device {device}: give cpu, cuda, cuda:N or mps")
+        available = {
+            "cpu": True,
+            "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+            "mps": torch.backends.mps.is_available(),
+        }
+        if not available.get(device.type, False):
+            cli.usage_error(f"--device {device}: this machine has no such device; use --device cpu")
+    try:
+        return load_pipeline(model_id, device, dtype)
+    except OSError as error:
+        cli.usage_error(f"--model {model_id}: {error}")
+
+
+def check_prompt_length(tokenizer: CLIPTokenizer, prompt: str, flag: str) -> None:
+    """For a script: a prompt longer than the text encoder reads ends it with one line naming `flag`."""
+    num_tokens = len(tokenizer(prompt).input_ids)
+    if num_tokens > tokenizer.model_max_length:
+        cli.usage_error(
+            f"{flag}: the prompt has {num_tokens} tokens, more than the {tokenizer.model_max_length} that "
+            "the text encoder reads (start and end tokens included): shorten it"
+        )
+
+
+def check_sampler_steps(scheduler: SchedulerMixin, num_steps: int, name: str) -> None:
+    """For a script: a step count that the sampler (`scheduler`'s class and configuration) cannot run
+    ends it with one line naming --steps. PNDM without skip_prk_steps, for one, needs at least 4."""
+    try:
+        type(scheduler).from_config(scheduler.config).set_timesteps(num_steps)
+    except ValueError:
+        cli.usage_error(f"--steps {num_steps}: the {name} sampler cannot run so few steps; give more")
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: a count of at least 1."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a positive whole number")
+    return int(value)
+
+
+def image_path(value: str) -> str:
+    """An argparse type: a file name whose extension names an image format PIL writes."""
+    if Path(value).suffix.lower() not in Image.registered_extensions():
+        raise argparse.ArgumentTypeError(f"{value!r}: give a file name with an image extension, such as .png")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +328,9 @@ class P2PAttnProcessor:
     """Attention of one UNet layer, with its probabilities handed to a Prompt-to-Prompt controller.
 
     The probabilities are materialised only when the controller asks for them at this layer and
-    step; everywhere else the layer runs PyTorch's fused `scaled_dot_product_attention`.
+    step, and then only for the prompts: the unconditional half of classifier-free guidance (the
+    first half of the batch, unless low_resource runs it as a pass of its own) never needs them.
+    Everything else runs PyTorch's fused `scaled_dot_product_attention`.
     Written for the transformer blocks of Stable Diffusion's UNet (inputs of shape (B, N, C)).
     """
 
@@ -275,28 +347,46 @@ class P2PAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """The layer's attention output; the controller sees (and may edit) the probabilities."""
+        """The layer's attention output; the controller sees (and may edit) the prompts' probabilities."""
         batch_size, num_queries, _ = hidden_states.shape
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch_size)
 
-        if self.controller.needs_attention(self.is_cross, self.place_in_unet, num_queries):
-            query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
-            attention_probs = attn.get_attention_scores(query, key, attention_mask)
-            attention_probs = self.controller(attention_probs, self.is_cross, self.place_in_unet)
-            hidden_states = attn.batch_to_head_dim(torch.bmm(attention_probs, value))
-        else:
+        if not self.controller.needs_attention(self.is_cross, self.place_in_unet, num_queries):
             self.controller(None, self.is_cross, self.place_in_unet)
-            query, key, value = (
-                x.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for x in (query, key, value)
+            hidden_states = fused_attention(attn, query, key, value, attention_mask)
+        else:
+            split = 0 if self.controller.low_resource else batch_size // 2  # first prompt in the batch
+            mask = None if attention_mask is None else attention_mask[split * attn.heads :]
+            prompts_query, prompts_key, prompts_value = (
+                attn.head_to_batch_dim(x[split:]) for x in (query, key, value)
             )
-            if attention_mask is not None:
-                attention_mask = attention_mask.unflatten(0, (batch_size, attn.heads))
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-            hidden_states = hidden_states.transpose(1, 2).flatten(2).to(query.dtype)
+            attention_probs = attn.get_attention_scores(prompts_query, prompts_key, mask)
+            attention_probs = self.controller(attention_probs, self.is_cross, self.place_in_unet)
+            hidden_states = attn.batch_to_head_dim(torch.bmm(attention_probs, prompts_value))
+            if split:
+                mask = None if attention_mask is None else attention_mask[: split * attn.heads]
+                unconditional = fused_attention(attn, query[:split], key[:split], value[:split], mask)
+                hidden_states = torch.cat([unconditional, hidden_states])
         return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+def fused_attention(
+    attn: Attention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Multi-head attention of projected (B, N, C) inputs with PyTorch's fused kernel, before to_out."""
+    batch_size = query.shape[0]
+    query, key, value = (x.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for x in (query, key, value))
+    if attention_mask is not None:
+        attention_mask = attention_mask.unflatten(0, (batch_size, attn.heads))
+    hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+    return hidden_states.transpose(1, 2).flatten(2).to(query.dtype)
 
 
 class AttentionControlRegistration:
@@ -399,6 +489,8 @@ def init_latent(
     Returns (x_T of shape (1, C, h, w), x_T expanded to the batch).
     """
     if latent is None:
+        from diffusers.utils.torch_utils import randn_tensor
+
         shape = (
             1,
             model.unet.config.in_channels,
@@ -578,6 +670,8 @@ def show_cross_attention(
 
     With `image`, each map is laid over it; every tile carries its token underneath.
     """
+    from matplotlib import colormaps
+
     tokens = tokenizer.encode(prompts[select])
     attention_maps = aggregate_attention(attention_store, prompts, res, from_where, True, select)
     size = 256 if image is None else image.shape[0]
@@ -653,6 +747,8 @@ def scheduler_grid(
     Every sampler is built from the pipeline's own scheduler configuration, so all share the
     training noise schedule; the pipeline's scheduler is put back afterwards.
     """
+    import diffusers
+
     unknown = set(schedulers) - set(SCHEDULERS)
     if unknown:
         raise ValueError(f"Unknown scheduler(s) {sorted(unknown)}; choose from {list(SCHEDULERS)}.")
@@ -661,7 +757,7 @@ def scheduler_grid(
     try:
         for steps in step_counts:
             for name in schedulers:
-                model.scheduler = SCHEDULERS[name].from_config(original.config)
+                model.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(original.config)
                 tiles.append(
                     text_under_image(generate(model, prompt, seed, steps, guidance_scale), f"{name}, {steps}")
                 )
@@ -690,28 +786,67 @@ def negative_prompt_pair(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Diffusion in practice: a sampler grid and a negative-prompt pair."
     )
-    parser.add_argument("figure", choices=["schedulers", "negative-prompt"], help="which figure to make")
+    parser.add_argument(
+        "figure",
+        choices=["schedulers", "negative-prompt"],
+        help="schedulers: steps by sampler, one seed; negative-prompt: without and with the negative prompt",
+    )
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL_ID,
-        help=f"hub id, local folder, or offline: {', '.join(OFFLINE_MODELS)}",
+        help=f"hub id, local pipeline folder, or offline: {', '.join(OFFLINE_MODELS)}",
     )
-    parser.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
-    parser.add_argument("--negative-prompt", default="blurry, low quality")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--steps", type=int, nargs="+", default=list(SCHEDULER_GRID_STEPS), help="step counts"
+        "--prompt", default="a photograph of an astronaut riding a horse", help="prompt of every image"
     )
-    parser.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=list(SCHEDULERS))
-    parser.add_argument("--out", default=None, help="PNG to write (default: outputs/<figure>.png)")
-    parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--negative-prompt",
+        default="blurry, low quality",
+        help="what the negative-prompt figure steers away from",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        nargs="+",
+        default=list(SCHEDULER_GRID_STEPS),
+        help="step counts: the grid's rows; the negative-prompt figure uses the last",
+    )
+    parser.add_argument(
+        "--schedulers",
+        nargs="+",
+        default=list(SCHEDULERS),
+        choices=list(SCHEDULERS),
+        help="the grid's columns",
+    )
+    parser.add_argument(
+        "--out",
+        type=image_path,
+        default=argparse.SUPPRESS,
+        help="image file to write (default: outputs/FIGURE.png)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda, cuda:N, mps or cpu",
+    )
     args = parser.parse_args(argv)
 
-    out = args.out or f"outputs/{args.figure}.png"
-    model = load_pipeline(args.model, args.device)
+    out = getattr(args, "out", f"outputs/{args.figure}.png")
+    model = load_pipeline_or_exit(args.model, args.device)
+    for flag, prompt in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        check_prompt_length(model.tokenizer, prompt, flag)
+    if args.figure == "schedulers":
+        import diffusers
+
+        for name in args.schedulers:
+            sampler = getattr(diffusers, SCHEDULERS[name]).from_config(model.scheduler.config)
+            check_sampler_steps(sampler, min(args.steps), name)
+    else:
+        check_sampler_steps(model.scheduler, args.steps[-1], type(model.scheduler).__name__)
     if args.figure == "schedulers":
         scheduler_grid(
             model, args.prompt, args.seed, tuple(args.steps), tuple(args.schedulers), save_path=out

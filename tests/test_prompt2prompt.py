@@ -79,8 +79,34 @@ def test_shared_noise_comes_from_the_generator(tiny_pipe):
     assert np.array_equal(images_a, images_b)
 
 
-def test_identical_prompts_give_identical_images(tiny_pipe):
-    images = edit(tiny_pipe, [SOURCE, SOURCE])
+def make_controller(kind, prompts, cross, self_, tokenizer, scale=1.0, local_blend=None):
+    """An edit of `prompts`: replace, refine, reweight (the target's word "cat" scaled by `scale`),
+    or reweight on top of refine."""
+    settings = dict(local_blend=local_blend, tokenizer=tokenizer)
+    if kind == "replace":
+        return p2p.AttentionReplace(prompts, STEPS, cross, self_, **settings)
+    if kind == "refine":
+        return p2p.AttentionRefine(prompts, STEPS, cross, self_, **settings)
+    equalizer = p2p.get_equalizer(prompts[1], "cat", [scale], tokenizer)
+    inner = (
+        p2p.AttentionRefine(prompts, STEPS, cross, self_, tokenizer=tokenizer) if "refine" in kind else None
+    )
+    return p2p.AttentionReweight(prompts, STEPS, cross, self_, equalizer, controller=inner, **settings)
+
+
+def run(pipe, prompts, controller, **kwargs):
+    images, _ = p2p.text2image_ldm(pipe, prompts, controller, STEPS, latent=noise(pipe), **kwargs)
+    return images
+
+
+EDIT_KINDS = ["replace", "refine", "reweight", "reweight+refine"]
+
+
+@pytest.mark.parametrize("kind", EDIT_KINDS)
+def test_identical_prompts_give_identical_images(tiny_pipe, kind):
+    images = run(
+        tiny_pipe, [SOURCE, SOURCE], make_controller(kind, [SOURCE, SOURCE], 0.8, 0.4, tiny_pipe.tokenizer)
+    )
     assert np.array_equal(images[0], images[1])
 
 
@@ -91,9 +117,65 @@ def test_edit_changes_the_target_and_keeps_the_source(tiny_pipe):
     assert not np.array_equal(edited[1], plain(tiny_pipe, [TARGET])[0])
 
 
-def test_zero_replace_steps_is_plain_generation(tiny_pipe):
-    edited = edit(tiny_pipe, [SOURCE, TARGET], cross=0.0, self_=0.0)
-    assert_images_close(edited[1], plain(tiny_pipe, [TARGET])[0])
+# A refinement's target has one more word; the reweightings scale "cat" by 3.
+EDIT_TARGETS = {"replace": TARGET, "refine": "a fluffy cat riding a bicycle", "reweight": SOURCE}
+EDIT_TARGETS["reweight+refine"] = EDIT_TARGETS["refine"]
+
+
+@pytest.mark.parametrize("kind", EDIT_KINDS)
+def test_zero_replace_steps_is_plain_generation(tiny_pipe, kind):
+    prompts = [SOURCE, EDIT_TARGETS[kind]]
+    edited = run(tiny_pipe, prompts, make_controller(kind, prompts, 0.0, 0.0, tiny_pipe.tokenizer, scale=3.0))
+    assert_images_close(edited[1], plain(tiny_pipe, prompts[1:])[0])
+
+
+@pytest.mark.parametrize("kind", EDIT_KINDS)
+def test_full_injection_moves_the_target(tiny_pipe, kind):
+    prompts = [SOURCE, EDIT_TARGETS[kind]]
+    edited = run(tiny_pipe, prompts, make_controller(kind, prompts, 1.0, 0.0, tiny_pipe.tokenizer, scale=3.0))
+    assert not np.array_equal(edited[1], plain(tiny_pipe, prompts[1:])[0])
+
+
+def test_reweighting_by_ones_is_no_reweighting(tiny_pipe):
+    images = run(
+        tiny_pipe,
+        [SOURCE, SOURCE],
+        make_controller("reweight", [SOURCE, SOURCE], 0.8, 0.4, tiny_pipe.tokenizer),
+    )
+    alone = plain(tiny_pipe, [SOURCE])[0]
+    assert_images_close(images[0], alone)
+    assert_images_close(images[1], alone)
+
+
+@pytest.mark.parametrize("inner", [p2p.AttentionReplace, p2p.AttentionRefine])
+def test_reweighting_by_ones_on_top_of_an_edit_is_the_edit(tiny_pipe, inner):
+    prompts = [SOURCE, TARGET] if inner is p2p.AttentionReplace else [SOURCE, "a fluffy cat riding a bicycle"]
+    settings = dict(
+        num_steps=STEPS, cross_replace_steps=0.8, self_replace_steps=0.4, tokenizer=tiny_pipe.tokenizer
+    )
+    reweight = p2p.AttentionReweight(
+        prompts, equalizer=torch.ones(1, 77), controller=inner(prompts, **settings), **settings
+    )
+    assert np.array_equal(
+        run(tiny_pipe, prompts, reweight), run(tiny_pipe, prompts, inner(prompts, **settings))
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_edits_run_in_the_pipelines_dtype(tiny_pipe, dtype):
+    # The community pipeline fails here with "expected scalar type Half but found Float".
+    tiny_pipe.to(dtype=dtype)
+    for kind in ("replace", "refine", "reweight+refine"):
+        prompts = [SOURCE, EDIT_TARGETS[kind]]
+        blend = p2p.LocalBlend(prompts, ["cat", "cat"], tiny_pipe.tokenizer, threshold=-1.0)
+        controller = make_controller(
+            kind, prompts, 1.0, 0.4, tiny_pipe.tokenizer, scale=2.0, local_blend=blend
+        )
+        edited = run(tiny_pipe, prompts, controller)
+        assert not np.array_equal(edited[1], plain(tiny_pipe, prompts[1:])[0])
+        stored = [item for items in controller.attention_store.values() for item in items]
+        assert stored and all(item.dtype == dtype for item in stored)
+        assert list(controller.tensors_by_dtype) == [dtype]  # the edit's tensors, converted once
 
 
 def test_low_resource_gives_the_same_images(tiny_pipe):
@@ -102,24 +184,36 @@ def test_low_resource_gives_the_same_images(tiny_pipe):
     )
 
 
-class RecordingReplace(p2p.AttentionReplace):
-    """Records the cross-attention of every call: as computed, and as the layer then used it."""
+def recording(controller_class):
+    """The controller class, recording the cross-attention of every call: as computed, and as the layer
+    then used it."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.records = []
+    class Recording(controller_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.records = []
 
-    def forward(self, attn, is_cross, place_in_unet):
-        before = attn.clone()
-        after = super().forward(attn, is_cross, place_in_unet)
-        if is_cross:
-            self.records.append((self.cur_step, before, after.clone()))
-        return after
+        def forward(self, attn, is_cross, place_in_unet):
+            before = attn.clone()
+            after = super().forward(attn, is_cross, place_in_unet)
+            if is_cross:
+                self.records.append((self.cur_step, before, after.clone()))
+            return after
+
+    return Recording
+
+
+def source_and_targets(controller):
+    """Per recorded layer: the source's map as computed, the targets' as computed and as used."""
+    for _, before, after in controller.records:
+        before, after = (x.unflatten(0, (controller.batch_size, -1)) for x in (before, after))
+        torch.testing.assert_close(after[0], before[0])  # the source is never edited
+        yield before[0], before[1:], after[1:]
 
 
 def test_full_cross_replacement_maps_the_source_attention_at_every_layer_and_step(tiny_pipe):
     prompts = ["A lion eating", "A hippopotamus eating"]
-    controller = RecordingReplace(prompts, STEPS, 1.0, 0.0, tokenizer=tiny_pipe.tokenizer)
+    controller = recording(p2p.AttentionReplace)(prompts, STEPS, 1.0, 0.0, tokenizer=tiny_pipe.tokenizer)
     p2p.text2image_ldm(tiny_pipe, prompts, controller, STEPS, latent=noise(tiny_pipe))
     num_cross_layers = controller.num_att_layers // 2
     assert [step for step, _, _ in controller.records] == [
@@ -137,11 +231,43 @@ def test_full_cross_replacement_maps_the_source_attention_at_every_layer_and_ste
         torch.testing.assert_close(target, source_before @ mapper)
 
 
+def test_full_refinement_takes_the_aligned_source_maps_and_keeps_the_added_ones(tiny_pipe):
+    # BOS a cat riding a bicycle EOS -> BOS a fluffy cat riding a bicycle EOS
+    prompts = [SOURCE, "a fluffy cat riding a bicycle"]
+    controller = recording(p2p.AttentionRefine)(prompts, STEPS, 1.0, 0.0, tokenizer=tiny_pipe.tokenizer)
+    p2p.text2image_ldm(tiny_pipe, prompts, controller, STEPS, latent=noise(tiny_pipe))
+    assert len(controller.records) == STEPS * controller.num_att_layers // 2
+    for source, (target_before,), (target,) in source_and_targets(controller):
+        torch.testing.assert_close(target[..., :2], source[..., :2])  # BOS, a
+        torch.testing.assert_close(target[..., 2], target_before[..., 2])  # fluffy: its own map
+        torch.testing.assert_close(target[..., 3:8], source[..., 2:7])  # cat riding a bicycle EOS
+        torch.testing.assert_close(target[..., 8:], source[..., 7:76])  # padding
+
+
+def test_full_reweighting_scales_the_source_maps_alone_or_on_top_of_a_swap(tiny_pipe):
+    equalizer = torch.ones(1, 77)
+    equalizer[0, 2], equalizer[0, 5] = 3.0, 0.5  # cat, bicycle/motorcycle
+    for prompts, inner in (([SOURCE, SOURCE], None), ([SOURCE, TARGET], p2p.AttentionReplace)):
+        settings = dict(prompts=prompts, num_steps=STEPS, cross_replace_steps=1.0, self_replace_steps=0.0)
+        controller = recording(p2p.AttentionReweight)(
+            **settings,
+            equalizer=equalizer,
+            controller=inner and inner(**settings, tokenizer=tiny_pipe.tokenizer),
+            tokenizer=tiny_pipe.tokenizer,
+        )
+        p2p.text2image_ldm(tiny_pipe, prompts, controller, STEPS, latent=noise(tiny_pipe))
+        assert len(controller.records) == STEPS * controller.num_att_layers // 2
+        for source, _, (target,) in source_and_targets(controller):
+            # A one-token swap: the swap's mapper is the identity, so both take the source's maps, scaled.
+            torch.testing.assert_close(target, source * equalizer[0])
+
+
 def test_attention_is_materialised_only_where_read(tiny_pipe, monkeypatch):
     calls = []
     original = Attention.get_attention_scores
 
     def counting(self, query, key, mask=None):
+        assert query.shape[0] == 2 * self.heads  # the two prompts only, never the unconditional half
         calls.append(key.shape[1] == 77)
         return original(self, query, key, mask)
 
@@ -193,13 +319,149 @@ def test_register_reports_places_and_kinds(tiny_pipe):
         assert all(p.is_cross == name.endswith("attn2.processor") for name, p in processors.items())
 
 
-def test_local_blend_outside_the_words_keeps_the_source(tiny_pipe):
+@pytest.mark.parametrize("kind", ["replace", "refine"])
+def test_local_blend_above_one_keeps_the_source_and_below_zero_blends_nothing(tiny_pipe, kind):
+    prompts = [SOURCE, EDIT_TARGETS[kind]]
+
+    def blended(threshold):
+        blend = p2p.LocalBlend(prompts, ["cat", "cat"], tiny_pipe.tokenizer, threshold=threshold)
+        return run(
+            tiny_pipe,
+            prompts,
+            make_controller(kind, prompts, 0.8, 0.4, tiny_pipe.tokenizer, local_blend=blend),
+        )
+
+    kept = blended(1.1)
+    assert np.array_equal(kept[0], kept[1])
+    unblended = run(tiny_pipe, prompts, make_controller(kind, prompts, 0.8, 0.4, tiny_pipe.tokenizer))
+    assert_images_close(blended(-1.0), unblended)
+
+
+def test_local_blend_at_a_non_square_size(tiny_pipe):
+    # 32x48 pixels: attention maps of 16x24 and 8x12 queries (the paper's code assumes 16x16).
     prompts = [SOURCE, TARGET]
-    nothing = p2p.LocalBlend(prompts, ["bicycle", "motorcycle"], tiny_pipe.tokenizer, threshold=1.1)
-    blended = edit(tiny_pipe, prompts, local_blend=nothing)
-    assert np.array_equal(blended[0], blended[1])
-    everything = p2p.LocalBlend(prompts, ["bicycle", "motorcycle"], tiny_pipe.tokenizer, threshold=-1.0)
-    assert_images_close(edit(tiny_pipe, prompts, local_blend=everything), edit(tiny_pipe, prompts))
+    latent = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(0))
+    blend = p2p.LocalBlend(prompts, ["bicycle", "motorcycle"], tiny_pipe.tokenizer, threshold=1.1)
+    controller = p2p.AttentionReplace(
+        prompts, STEPS, 0.8, 0.4, local_blend=blend, tokenizer=tiny_pipe.tokenizer
+    )
+    images, _ = p2p.text2image_ldm(tiny_pipe, prompts, controller, STEPS, latent=latent, height=32, width=48)
+    assert images.shape == (2, 32, 48, 3)
+    assert np.array_equal(images[0], images[1])
+
+
+def test_attention_map_size_follows_the_latent():
+    assert p2p.attention_map_size(24, (4, 6)) == (4, 6)
+    assert p2p.attention_map_size(6, (4, 6)) == (2, 3)
+    assert p2p.attention_map_size(33 * 25, (65, 49)) == (33, 25)  # odd sizes round up, as the UNet does
+    with pytest.raises(ValueError, match="No attention map of a 4x6 latent has 8 queries"):
+        p2p.attention_map_size(8, (4, 6))
+
+
+def blend_latents(blend, maps, step=0, num_steps=1):
+    """`blend` applied to a source of zeros and a target of ones, latents of 4x6, with stored cross-attention
+    maps of shape (prompts, height, width, tokens) (one head); returns the target's first channel."""
+    store = {"down_cross": [m.flatten(1, 2) for m in maps], "mid_cross": [], "up_cross": []}
+    x_t = torch.stack([torch.zeros(4, 4, 6), torch.ones(4, 4, 6)])
+    blended = blend(x_t, store, step, num_steps)
+    assert torch.equal(blended[0], x_t[0])
+    assert all(torch.equal(channel, blended[1, 0]) for channel in blended[1])
+    return blended[1, 0]
+
+
+def block(*pixels):
+    """A 4x6 mask of each pixel and its neighbours (the blend's one-pixel margin)."""
+    mask = torch.zeros(4, 6)
+    for row, col in pixels:
+        mask[max(row - 1, 0) : row + 2, max(col - 1, 0) : col + 2] = 1
+    return mask
+
+
+CAT, BICYCLE = 2, 5  # token positions in SOURCE
+
+
+def test_local_blend_region_at_each_maps_own_resolution(tokenizer):
+    blend = p2p.LocalBlend([SOURCE, SOURCE], ["cat", "cat"], tokenizer, threshold=0.5)
+    fine, coarse = torch.zeros(2, 4, 6, 77), torch.zeros(2, 2, 3, 77)
+    fine[:, 1, 4, CAT] = 1  # row 1, column 4 of a 4x6 map (row 2, column 2 if read as 6x4)
+    torch.testing.assert_close(blend_latents(blend, [fine, coarse]), block((1, 4)))
+
+
+def test_local_blend_thresholds_of_source_and_target(tokenizer):
+    maps = torch.zeros(2, 4, 6, 77)
+    maps[0, 1, 4, CAT], maps[0, 3, 0, CAT] = 1.0, 0.5  # the source's cat: strong, and weak
+    maps[1, 0, 0, CAT] = 1.0  # the target's cat
+    prompts = [SOURCE, SOURCE]
+    source_only = p2p.LocalBlend(prompts, ["cat", "cat"], tokenizer, threshold=(0.4, 1.1))
+    torch.testing.assert_close(blend_latents(source_only, [maps]), block((1, 4), (3, 0)))
+    target_only = p2p.LocalBlend(prompts, ["cat", "cat"], tokenizer, threshold=(1.1, 0.4))
+    torch.testing.assert_close(blend_latents(target_only, [maps]), block((0, 0)))
+    both = p2p.LocalBlend(prompts, ["cat", "cat"], tokenizer, threshold=0.6)
+    torch.testing.assert_close(blend_latents(both, [maps]), block((1, 4), (0, 0)))
+
+
+def test_local_blend_keeps_the_substruct_words_out(tokenizer):
+    maps = torch.zeros(2, 4, 6, 77)
+    maps[:, 1, 4, CAT] = 1
+    maps[:, 1, 3, BICYCLE] = maps[:, 0, 5, BICYCLE] = 1
+    blend = p2p.LocalBlend(
+        [SOURCE, SOURCE], ["cat", "cat"], tokenizer, substruct_words=["bicycle", "bicycle"]
+    )
+    expected = block((1, 4))
+    expected[1, 3] = expected[0, 5] = 0  # no margin around the region kept out
+    torch.testing.assert_close(blend_latents(blend, [maps]), expected)
+
+
+def test_local_blend_starts_at_its_share_of_the_steps(tokenizer):
+    maps = torch.zeros(2, 4, 6, 77)
+    maps[:, 1, 4, CAT] = 1
+    blend = p2p.LocalBlend([SOURCE, SOURCE], ["cat", "cat"], tokenizer, start_blend=0.5)
+    torch.testing.assert_close(blend_latents(blend, [maps], step=1, num_steps=4), torch.ones(4, 6))
+    torch.testing.assert_close(blend_latents(blend, [maps], step=2, num_steps=4), block((1, 4)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(words=["cat", "dog"]), "The word 'dog' is not in 'a cat riding a bicycle'"),
+        (dict(words=["cat"]), "one entry of words per prompt"),
+        (dict(substruct_words=["cat", ["bicycle", "car"]]), "The word 'car' is not in"),
+        (dict(threshold=(0.1, 0.2, 0.3)), "a number or a .source, target. pair"),
+        (dict(start_blend=1.5), r"start_blend is a fraction of the steps in \[0, 1\]"),
+    ],
+)
+def test_bad_local_blend_settings_raise(tokenizer, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        p2p.LocalBlend(
+            **{"prompts": [SOURCE, SOURCE], "words": ["cat", "cat"], "tokenizer": tokenizer, **kwargs}
+        )
+
+
+def test_equalizer_scales_every_token_of_the_selected_words(tokenizer):
+    text = "A hippopotamus eating a cat"  # BOS a hippo potam us eating a cat EOS
+    # Several words, one value per row: row i scales all of them by values[i].
+    equalizer = p2p.get_equalizer(text, ("hippopotamus", 4), (2.0, 0.5), tokenizer)
+    expected = torch.ones(2, 77)
+    expected[0, [2, 3, 4, 7]], expected[1, [2, 3, 4, 7]] = 2.0, 0.5
+    torch.testing.assert_close(equalizer, expected)
+    expected = torch.ones(1, 77)
+    expected[0, [1, 6]] = 3.0  # "a": every occurrence
+    torch.testing.assert_close(p2p.get_equalizer(text, "a", [3.0], tokenizer), expected)
+    with pytest.raises(ValueError, match="The word 'dog' is not in 'A hippopotamus eating a cat'"):
+        p2p.get_equalizer(text, ["cat", "dog"], [2.0], tokenizer)
+    with pytest.raises(ValueError, match="Word index 5 is out of range: 'A hippopotamus eating a cat' has 5"):
+        p2p.get_equalizer(text, 5, [2.0], tokenizer)
+
+
+def test_bad_reweight_settings_raise(tokenizer):
+    settings = dict(num_steps=STEPS, cross_replace_steps=0.8, self_replace_steps=0.4, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"equalizer must have shape .* = \(1, 77\), got \(2, 77\)"):
+        p2p.AttentionReweight([SOURCE, TARGET], equalizer=torch.ones(2, 77), **settings)
+    with pytest.raises(ValueError, match=r"got \(77,\)"):
+        p2p.AttentionReweight([SOURCE, TARGET], equalizer=torch.ones(77), **settings)
+    other = p2p.AttentionReplace([SOURCE, "a dog riding a bicycle"], **settings)
+    with pytest.raises(ValueError, match="built on the same prompts"):
+        p2p.AttentionReweight([SOURCE, TARGET], equalizer=torch.ones(1, 77), controller=other, **settings)
 
 
 def test_attention_store_and_cross_attention_figure(tiny_pipe, tmp_path):
@@ -260,6 +522,13 @@ def test_bad_edit_settings_raise(tokenizer, kwargs, message):
         p2p.AttentionReplace(**{**settings, **kwargs}, tokenizer=tokenizer)
 
 
+@pytest.mark.parametrize("kind", EDIT_KINDS)
+def test_cross_replace_steps_naming_no_target_word_raise(tokenizer, kind):
+    prompts = [SOURCE, EDIT_TARGETS[kind]]
+    with pytest.raises(ValueError, match="'motorbike', which is not in the target"):
+        make_controller(kind, prompts, {"default_": 0.8, "motorbike": (0.0, 0.4)}, 0.4, tokenizer)
+
+
 def test_bad_generation_settings_raise(tiny_pipe):
     with pytest.raises(ValueError, match="Shorten it"):
         p2p.text2image_ldm(tiny_pipe, ["a cat " * 40], p2p.EmptyControl(), STEPS)
@@ -288,20 +557,76 @@ def test_command_line_writes_the_side_by_side_edit(tmp_path):
     width, height = Image.open(out).size
     assert height > 32  # the images and the band with the prompts
     assert width == 2 * 32 + int(height * 0.02)  # two 32 px images and view_images' default gap
-    with pytest.raises(SystemExit, match="same number of words"):
-        p2p.main(["--model", "tiny", "--steps", "3", "--out", str(out), "--target", "a dog"])
 
 
-@pytest.mark.parametrize("value", ["0.2,0.5,0.8", "most"])
+def test_command_line_sweep_draws_the_source_and_one_image_per_scale(tmp_path):
+    out = tmp_path / "sweep.png"
+    p2p.main(
+        ["--model", "tiny", "--steps", "3", "--out", str(out), "--source", SOURCE, "--display-size", "64"]
+        + ["--reweight-sweep", "cat=0,1,3", "--reweight", "bicycle=2"]
+    )
+    grid = np.asarray(Image.open(out))
+    gap = int(grid.shape[0] * 0.02)
+    assert grid.shape[1] == 4 * 64 + 3 * gap
+    tiles = [grid[:64, k * (64 + gap) : k * (64 + gap) + 64] for k in range(4)]
+    # One prompt against itself: the scales change the image, and cat x1 with bicycle x2 is not the source.
+    assert all(not np.array_equal(tiles[0], tile) for tile in tiles[1:])
+    p2p.main(
+        ["--model", "tiny", "--steps", "3", "--out", str(out), "--source", SOURCE, "--display-size", "64"]
+        + ["--reweight-sweep", "cat=1,3"]
+    )
+    grid = np.asarray(Image.open(out))
+    source, scale_1 = grid[:64, :64], grid[:64, 64 + gap : 2 * 64 + gap]
+    assert np.array_equal(source, scale_1)  # reweighting by 1 leaves the prompt's image as it is
+    # Nearest-neighbour enlargement: every generated pixel is a 2x2 block.
+    assert np.array_equal(source, source[::2, ::2].repeat(2, 0).repeat(2, 1))
+
+
+@pytest.mark.parametrize("value", ["0.2,0.5,0.8", "most", "0.8,0.2"])
 def test_replace_steps_other_than_a_fraction_or_a_range_are_refused(value, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         p2p.main(["--model", "tiny", "--cross-replace-steps", value])
-    assert 'give a fraction such as "0.8" or a range "0.2,0.8"' in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert 'give a fraction such as "0.8" or a range "0.2,0.8" within [0, 1]' in capsys.readouterr().err
 
 
-def test_unreachable_model_says_how_to_proceed_offline():
-    with pytest.raises(OSError, match="(?s)needs internet.*offline models: 'tiny'"):
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--blend-words", "cat", "dog"],
+            "--blend-words: 'dog' is not a word of the prompt 'a cat riding a motorcycle'",
+        ),
+        (
+            ["--blend-words", "dog", "cat"],
+            "--blend-words: 'dog' is not a word of the prompt 'a cat riding a bicycle'",
+        ),
+        (["--reweight-sweep", "dog=1,2"], "--reweight-sweep: 'dog' is not a word of the prompt"),
+        (["--target", "cat " * 80], "--target: the prompt has 82 tokens"),
+    ],
+)
+def test_command_line_words_that_are_not_in_the_prompts_are_refused(tmp_path, capsys, args, message):
+    out = tmp_path / "edit.png"
+    with pytest.raises(SystemExit) as exit_info:
+        p2p.main(["--model", "tiny", "--out", str(out), "--source", SOURCE, "--target", TARGET, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+def test_unreachable_model_says_what_failed_and_the_ways_out(tmp_path):
+    with pytest.raises(OSError) as error:
         p2p.load_model("no-such-user/no-such-model", device="cpu")
+    what, ways_out = str(error.value).splitlines()
+    assert what.startswith("Could not load the model 'no-such-user/no-such-model': it is not a local folder")
+    assert ways_out.startswith("Ways out: `hf download no-such-user/no-such-model` where there is internet")
+    assert "a local pipeline folder" in ways_out and ways_out.endswith("'tiny', 'sd1-random', 'shapes'.")
+    with pytest.raises(
+        OSError, match="the folder holds no diffusers pipeline .no model_index.json."
+    ) as error:
+        p2p.load_model(str(tmp_path), device="cpu")
+    assert len(str(error.value).splitlines()) == 2
 
 
 def test_shapes_model_without_its_folder_says_how_to_make_it(tmp_path, monkeypatch):
