@@ -4,7 +4,9 @@ Import this module before torch, diffusers and transformers: it silences the not
 libraries print at import and load time that ask nothing of the user (transformers' missing
 torchvision, diffusers' `torch_dtype` deprecation, per-file weight-loading bars), unless the
 command line says `--verbose`. A user's mistake ends the script with one line on stderr that
-names the flag, and exit code 2 (argparse's convention); tracebacks stay for bugs.
+names the flag, and exit code 2 (argparse's convention); tracebacks stay for bugs. Numeric flags
+take their range from the `type`s below (`positive_int`, ...), and `user_errors` turns a library's
+check of a flag's value into such a line.
 
     python cli.py --help
 """
@@ -12,9 +14,12 @@ names the flag, and exit code 2 (argparse's convention); tracebacks stay for bug
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 VERBOSE_FLAG = "--verbose"
@@ -60,11 +65,31 @@ def usage_error(message: str) -> NoReturn:
     sys.exit(2)
 
 
+@contextmanager
+def user_errors(flag: str, *errors: type[Exception]) -> Iterator[None]:
+    """Within the block, `errors` (a library's checks of what `flag` gave) are the user's mistake:
+    their message, prefixed by the flag, ends the script as `usage_error` does."""
+    try:
+        yield
+    except errors as error:
+        usage_error(f"{flag}: {error}")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown, and the description (a module's docstring, with its example commands)
+    kept as written. A flag whose default is None or "" says in its own help what its absence means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with every default shown in --help, a --verbose flag, and one-line errors."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.add_argument(
             VERBOSE_FLAG, action="store_true", help="show the libraries' own notices and loading bars"
@@ -80,6 +105,35 @@ class ArgumentParser(argparse.ArgumentParser):
         silence_third_party()
         return parsed
 
+
+def number(
+    kind: type[int] | type[float], low: float, high: float = math.inf, above: bool = False
+) -> Callable[[str], float]:
+    """An argparse `type`: a finite `kind` number from `low` (exclusive with `above`) to `high`; a
+    value outside ends the script with a line that names the flag and the range."""
+    noun = "a whole number" if kind is int else "a number"
+    if high < math.inf:
+        wanted = f"{noun} from {low} to {high}"
+    else:
+        wanted = f"{noun} {'above' if above else 'of at least'} {low}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (low < value if above else low <= value) and value <= high):
+            raise argparse.ArgumentTypeError(f"give {wanted}, not {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = number(int, 1)
+non_negative_int = number(int, 0)
+positive_float = number(float, 0, above=True)
+non_negative_float = number(float, 0)
+fraction = number(float, 0, 1)
 
 silence_third_party()
 

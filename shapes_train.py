@@ -1,6 +1,6 @@
 """Train the Shapes World model: Stable Diffusion's architecture, small, from scratch, at 64x64.
 
-Issue 5, part 3. Three parts, in up to three stages of one run:
+Three parts, in up to three stages of one run:
   1. an AutoencoderKL that maps a 64x64 image to a 16x16x4 latent (squared-error reconstruction
      plus Stable Diffusion's tiny KL term);
   2. a CLIPTextModel (small, read with the real CLIP tokenizer) and a UNet2DConditionModel with
@@ -22,7 +22,6 @@ the end it writes a standard diffusers pipeline folder, DIR/pipeline, in fp16 sa
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -31,6 +30,8 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
+
+import cli
 
 import numpy as np
 import torch
@@ -128,6 +129,51 @@ class TrainConfig:
     seed: int = 0
     vae_from: str = ""  # a pipeline folder whose autoencoder stage 2 reuses, instead of stage 1
     denoiser_from: str = ""  # a pipeline folder whose text encoder and UNet stage 2 fine-tunes
+
+
+# The command line: each TrainConfig field is a flag, with its range (an argparse type) and help.
+CONFIG_FLAGS = {
+    "preset": (str, "model sizes: default (the shipped model) or tiny (tests and smoke runs)"),
+    "vae_steps": (cli.non_negative_int, "stage 1 steps (the autoencoder); 0 with --vae-from"),
+    "diffusion_steps": (cli.non_negative_int, "stage 2 steps (text encoder and UNet)"),
+    "vae_batch_size": (cli.positive_int, "images per stage 1 step"),
+    "batch_size": (cli.positive_int, "images per stage 2 and stage 3 step"),
+    "vae_lr": (cli.non_negative_float, "stage 1's peak learning rate (cosine schedule)"),
+    "vae_max_grad_norm": (cli.non_negative_float, "stage 1's gradient clipping threshold; 0: none"),
+    "diffusion_lr": (cli.non_negative_float, "stage 2's peak learning rate (cosine schedule)"),
+    "warmup_steps": (
+        cli.non_negative_int,
+        "steps of linear learning-rate warm-up at the start of each stage",
+    ),
+    "kl_weight": (cli.non_negative_float, "weight of stage 1's KL term (Stable Diffusion: 1e-6)"),
+    "caption_dropout": (
+        cli.fraction,
+        "share of captions replaced by the empty one, for classifier-free guidance",
+    ),
+    "snr_gamma": (cli.positive_float, "min-SNR loss weighting: the cap on a timestep's weight"),
+    "noise_offset": (cli.non_negative_float, "stage 2's offset noise (standard deviation of the shift)"),
+    "finetune_steps": (
+        cli.non_negative_int,
+        "stage 3 steps (fine-tuning from stage 2's averaged weights, with offset noise); 0: none",
+    ),
+    "finetune_lr": (cli.non_negative_float, "stage 3's peak learning rate (cosine schedule)"),
+    "finetune_noise_offset": (cli.non_negative_float, "stage 3's offset noise"),
+    "ema_max_decay": (cli.fraction, "highest decay of the weights' moving average, which the pipeline gets"),
+    "checkpoint_every": (cli.positive_int, "steps between checkpoints"),
+    "reconstruction_check": (
+        cli.non_negative_int,
+        "images whose reconstructions the judge reads after stage 1; 0: no check",
+    ),
+    "seed": (int, "seed of the weights and of the data set's items"),
+    "vae_from": (
+        str,
+        "a pipeline folder whose autoencoder stage 2 reuses, instead of stage 1 (default: none)",
+    ),
+    "denoiser_from": (
+        str,
+        "a pipeline folder whose text encoder and UNet stage 2 fine-tunes (default: fresh ones)",
+    ),
+}
 
 
 def build_models(
@@ -394,6 +440,30 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int) -> None:
         shutil.rmtree(out / previous)
 
 
+def check_run(out: str | Path, config: TrainConfig) -> None:
+    """Refuse, before anything is written, settings that cannot train and an --out that holds another run.
+
+    The messages name the command line's flags.
+    """
+    if not config.vae_steps and not config.vae_from:
+        raise ValueError("stage 2 needs a trained autoencoder: give --vae-steps N or --vae-from FOLDER")
+    if config.vae_from and config.vae_steps:
+        raise ValueError("--vae-from reuses a trained autoencoder: set --vae-steps 0")
+    if config.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be at least 1 step, got {config.checkpoint_every}")
+    for flag, folder, parts in (
+        ("--vae-from", config.vae_from, ("vae",)),
+        ("--denoiser-from", config.denoiser_from, ("text_encoder", "unet")),
+    ):
+        if folder and not all((Path(folder) / part).is_dir() for part in parts):
+            raise ValueError(
+                f"{flag} {folder}: give a pipeline folder, one with {'/ and '.join(parts)}/ in it"
+            )
+    config_file = Path(out) / "config.json"
+    if config_file.exists() and json.loads(config_file.read_text()) != asdict(config):
+        raise ValueError(f"{out} holds a run with another configuration ({config_file}): use a new --out")
+
+
 def train(
     out: str | Path,
     config: TrainConfig,
@@ -408,15 +478,10 @@ def train(
     `compile_models` runs the text encoder and UNet through torch.compile: on a GPU a step of this small
     model is bound by the CPU launching kernels, and compiling fuses many of them into one.
     """
-    if not config.vae_steps and not config.vae_from:
-        raise ValueError("stage 2 needs a trained autoencoder: give --vae-steps N or --vae-from FOLDER")
-    if config.checkpoint_every < 1:
-        raise ValueError(f"--checkpoint-every must be at least 1 step, got {config.checkpoint_every}")
+    check_run(out, config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config_file, progress_file = out / "config.json", out / "progress.json"
-    if config_file.exists() and json.loads(config_file.read_text()) != asdict(config):
-        raise ValueError(f"{out} holds a run with another configuration ({config_file}): use a new --out")
     config_file.write_text(json.dumps(asdict(config), indent=1))
 
     accelerator = Accelerator(mixed_precision=mixed_precision)
@@ -424,8 +489,6 @@ def train(
     tokenizer = offline_clip_tokenizer()
     vae, text_encoder, unet = build_models(config.preset, tokenizer)
     if config.vae_from:
-        if config.vae_steps:
-            raise ValueError("--vae-from reuses a trained autoencoder: set --vae-steps 0")
         trained = AutoencoderKL.from_pretrained(config.vae_from, subfolder="vae", torch_dtype=torch.float32)
         vae.load_state_dict(trained.state_dict())
     if config.denoiser_from:
@@ -562,15 +625,13 @@ def train(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--out", required=True, help="run folder: checkpoint, then the pipeline in OUT/pipeline"
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=cli.positive_int,
         default=torch.get_num_threads(),
         help="CPU threads; on a CPU shared with other jobs 1 is much faster than 2",
     )
@@ -587,21 +648,26 @@ def main() -> None:
     )
     parser.add_argument(
         "--workers",
-        type=int,
+        type=cli.non_negative_int,
         default=0,
         help="DataLoader processes that draw batches ahead of the model: 0 on a CPU, 8 or more on a GPU",
     )
     for f in fields(TrainConfig):
+        kind, help_text = CONFIG_FLAGS[f.name]
+        choices = sorted(PRESETS) if f.name == "preset" else None
         flag = "--" + f.name.replace("_", "-")
-        kwargs = {"choices": sorted(PRESETS)} if f.name == "preset" else {}
-        parser.add_argument(
-            flag, type=type(f.default), default=f.default, help=f"default {f.default!r}", **kwargs
-        )
+        parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
     args = vars(parser.parse_args())
+    args.pop("verbose")
     out, mixed_precision, workers = args.pop("out"), args.pop("mixed_precision"), args.pop("workers")
     compile_models = args.pop("compile")
     torch.set_num_threads(args.pop("threads"))
-    train(out, TrainConfig(**args), mixed_precision, workers, compile_models)
+    config = TrainConfig(**args)
+    try:
+        check_run(out, config)
+    except ValueError as error:
+        cli.usage_error(str(error))
+    train(out, config, mixed_precision, workers, compile_models)
 
 
 if __name__ == "__main__":

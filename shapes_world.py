@@ -1,10 +1,10 @@
 """Shapes World: a procedural captioned data set and a judge for the package's own small model.
 
-Issue 5, parts 1 and 2. Every image is 64x64 RGB with one or two flat-coloured shapes on a
-plain background, drawn with numpy from a seed, and comes with a plain-English caption such as
-"a large red circle" or "a blue square and a yellow star on a black background". One
-colour-shape pair (HELD_OUT, "purple triangle") never appears in a training scene, so that
-textual inversion has something truly new to learn; `held_out_scene` renders it on demand.
+Every image is 64x64 RGB with one or two flat-coloured shapes on a plain background, drawn with
+numpy from a seed, and comes with a plain-English caption such as "a large red circle" or "a blue
+square and a yellow star on a black background". One colour-shape pair (HELD_OUT, "purple
+triangle") never appears in a training scene, so that textual inversion has something truly new
+to learn; `held_out_scene` renders it on demand.
 
 The judge reads any 64x64 image back into objects (colour, shape, size, mask) without a learned
 model: background from the border, objects as connected regions that differ from it, colour as
@@ -18,11 +18,12 @@ size from that box. The shape templates are the very functions that draw the dat
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import cli
 
 import numpy as np
 import torch
@@ -430,28 +431,38 @@ def save_grid(path: str, n: int = 16, seed: int = 0) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = cli.ArgumentParser(description=__doc__)
+    commands = parser.add_subparsers(
+        dest="command", metavar="{check,grid,held-out}", required=True, help="what to do"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="measure the judge's accuracy on ground-truth images")
-    check.add_argument("--n", type=int, default=2000, help="number of images")
+    check.add_argument("--n", type=cli.positive_int, default=2000, help="number of images")
     check.add_argument("--seed", type=int, default=1, help="data set seed")
     grid = commands.add_parser("grid", help="save a grid of data set samples with captions")
-    grid.add_argument("--out", default="outputs/shapes_grid.png", help="image file to write")
-    grid.add_argument("--n", type=int, default=16, help="number of samples")
+    grid.add_argument(
+        "--out", default="outputs/shapes_grid.png", help="image file to write (.png, .jpg, .pdf, .svg, ...)"
+    )
+    grid.add_argument("--n", type=cli.positive_int, default=16, help="number of samples")
     grid.add_argument("--seed", type=int, default=0, help="data set seed")
     held_out = commands.add_parser("held-out", help="pictures of the held-out pair, for textual inversion")
     held_out.add_argument("--out", default="data/purple_triangle", help="folder to write the PNGs to")
-    held_out.add_argument("--n", type=int, default=5, help="number of pictures")
+    held_out.add_argument("--n", type=cli.positive_int, default=5, help="number of pictures")
     held_out.add_argument("--seed", type=int, default=0, help="seed of their sizes, places and backgrounds")
     args = parser.parse_args()
     if args.command == "check":
         print(json.dumps(judge_accuracy(args.n, args.seed)))
     elif args.command == "held-out":
+        if Path(args.out).is_file():
+            cli.usage_error(f"--out {args.out}: a file; give a folder for the pictures")
         paths = save_held_out_images(args.out, args.n, args.seed)
         print(f"wrote {len(paths)} pictures of a {' '.join(HELD_OUT)} to {args.out}")
     else:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        suffix = Path(args.out).suffix.lower().lstrip(".")
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if suffix not in formats:
+            cli.usage_error(f"--out {args.out}: name an image file ending in one of .{', .'.join(formats)}")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_grid(args.out, args.n, args.seed)
         print(f"wrote {args.out}")

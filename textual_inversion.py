@@ -11,12 +11,13 @@ runs through HuggingFace accelerate (mixed precision, gradient accumulation, sev
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import cli
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ STYLE_TEMPLATES = [
 
 @dataclass
 class TextualInversionConfig:
-    """Everything a textual-inversion run needs (assignment part 1: the set-up).
+    """Everything a textual-inversion run needs.
 
     Several `placeholder_tokens` learn several vectors for one concept; they follow diffusers'
     naming (see `multi_vector_tokens`), and prompts name the concept by the first one only.
@@ -148,7 +149,7 @@ def multi_vector_tokens(token: str, num_vectors: int) -> list[str]:
 
 
 class StableDiffusionWrapper:
-    """A Stable Diffusion pipeline opened up into the pieces textual inversion needs (part 2)."""
+    """A Stable Diffusion pipeline opened up into the pieces textual inversion needs."""
 
     def __init__(self, pipe: StableDiffusionPipeline):
         self.pipe = pipe
@@ -251,7 +252,7 @@ def center_crop_transform(resolution: int) -> Callable[[Image.Image], torch.Tens
 
 
 class UnlabeledImageFolderDataset(torch.utils.data.Dataset):
-    """The few images of the concept (part 3): every jpg/png/webp of a folder, as RGB tensors.
+    """The few images of the concept: every jpg/png/webp of a folder, as RGB tensors.
 
     Files are read once, here: an unreadable one is skipped with a warning, and the folder must
     leave at least one image.
@@ -299,7 +300,7 @@ def compute_standard_diffusion_loss(
     timestep_idx: torch.Tensor | None,
     embeddings: torch.Tensor,
 ) -> torch.Tensor:
-    """The denoising loss (part 4): noise the latents at random timesteps, regress the noise.
+    """The denoising loss: noise the latents at random timesteps, regress the noise.
 
     `timestep_idx` None samples one uniform training timestep per latent. The target is the
     noise, or the velocity for a v-prediction model (SD 2.x).
@@ -341,28 +342,49 @@ def check_placeholder_tokens(tokenizer: PreTrainedTokenizerBase, placeholder_tok
             )
 
 
+def check_prompt_templates(prompt_templates: list[str]) -> None:
+    """Reject an empty list, and templates without the {} where the placeholder goes."""
+    # A template without the placeholder trains nothing, silently.
+    unusable = [template for template in prompt_templates if "{}" not in template]
+    if unusable or not prompt_templates:
+        raise ValueError(
+            f"Every prompt template needs {{}} where the placeholder goes, e.g. 'a photo of a {{}}'; "
+            f"got {unusable or 'none'}."
+        )
+
+
+def initializer_token_id(tokenizer: PreTrainedTokenizerBase, initializer_token: str) -> int:
+    """The id of the word the placeholder starts from; it must be a single token."""
+    ids = tokenizer.encode(initializer_token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"The initializer {initializer_token!r} is {len(ids)} tokens "
+            f"{tokenizer.convert_ids_to_tokens(ids)}: choose a word that is a single token."
+        )
+    return ids[0]
+
+
+def check_resolution(wrapper: StableDiffusionWrapper, resolution: int) -> None:
+    """The training resolution must be a multiple of the VAE's downsampling factor."""
+    factor = wrapper.pipe.vae_scale_factor
+    if resolution % factor:
+        raise ValueError(
+            f"Resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}: "
+            f"use e.g. {max(factor, resolution // factor * factor)}."
+        )
+
+
 def prepare_for_textual_inversion(
     wrapper: StableDiffusionWrapper, config: TextualInversionConfig
 ) -> torch.optim.Optimizer:
-    """Add the placeholder tokens, initialise their rows, freeze the rest; return the optimizer (part 5).
+    """Add the placeholder tokens, initialise their rows, freeze the rest; return the optimizer.
 
     Everything is checked before the tokenizer or the text encoder is touched.
     """
     tokenizer, text_encoder = wrapper.tokenizer, wrapper.text_encoder
     check_placeholder_tokens(tokenizer, config.placeholder_tokens)
-    # A template without the placeholder trains nothing, silently.
-    unusable = [template for template in config.prompt_templates if "{}" not in template]
-    if unusable or not config.prompt_templates:
-        raise ValueError(
-            f"Every prompt template needs {{}} where the placeholder goes, e.g. 'a photo of a {{}}'; "
-            f"got {unusable or 'none'}."
-        )
-    initializer_ids = tokenizer.encode(config.initializer_token, add_special_tokens=False)
-    if len(initializer_ids) != 1:
-        raise ValueError(
-            f"The initializer {config.initializer_token!r} is {len(initializer_ids)} tokens "
-            f"{tokenizer.convert_ids_to_tokens(initializer_ids)}: choose a word that is a single token."
-        )
+    check_prompt_templates(config.prompt_templates)
+    initializer_id = initializer_token_id(tokenizer, config.initializer_token)
 
     tokenizer.add_tokens(config.placeholder_tokens)
     # The new rows are overwritten below, so transformers need not fit a distribution to start them.
@@ -373,7 +395,7 @@ def prepare_for_textual_inversion(
     weight = text_encoder.get_input_embeddings().weight
     placeholder_ids = tokenizer.convert_tokens_to_ids(config.placeholder_tokens)
     with torch.no_grad():
-        weight[placeholder_ids] = weight[initializer_ids[0]].clone()
+        weight[placeholder_ids] = weight[initializer_id].clone()
 
     wrapper.unet.requires_grad_(False)
     wrapper.vae.requires_grad_(False)
@@ -413,7 +435,7 @@ def show_images(images: list[Image.Image]) -> Image.Image:
 def validation_sampling(
     wrapper: StableDiffusionWrapper, config: TextualInversionConfig, step: int
 ) -> list[Image.Image]:
-    """Images of the concept at `step`, from a fixed seed; the grid goes to output_dir/samples (part 6)."""
+    """Images of the concept at `step`, from a fixed seed; the grid goes to output_dir/samples."""
     prompts = [VALIDATION_PROMPT.format(config.placeholder_tokens[0])] * NUM_VALIDATION_IMAGES
     generator = torch.Generator().manual_seed(config.seed)
     images = wrapper(prompts, generator=generator, num_inference_steps=config.num_sampling_steps)
@@ -446,7 +468,7 @@ def find_checkpoint(config: TextualInversionConfig) -> Path:
     checkpoints = sorted((Path(config.output_dir) / "checkpoints").glob("step_*"))
     if not checkpoints:
         raise FileNotFoundError(
-            f"No checkpoint in {config.output_dir}/checkpoints to resume from: start without resume_from."
+            f"No checkpoint in {config.output_dir}/checkpoints to resume from: start afresh first."
         )
     return checkpoints[-1]
 
@@ -464,17 +486,12 @@ def save_checkpoint(
 
 
 def textual_inversion(wrapper: StableDiffusionWrapper, config: TextualInversionConfig) -> None:
-    """Learn the placeholder embedding(s) from the images of `config.target_folder` (part 7).
+    """Learn the placeholder embedding(s) from the images of `config.target_folder`.
 
     Runs on as many processes as `accelerate launch` starts; the embeddings end up in the
     wrapper's text encoder and in output_dir/learned_embeds.safetensors.
     """
-    factor = wrapper.pipe.vae_scale_factor
-    if config.resolution % factor:
-        raise ValueError(
-            f"Resolution {config.resolution} is not a multiple of the VAE's downsampling factor {factor}: "
-            f"use e.g. {config.resolution // factor * factor}."
-        )
+    check_resolution(wrapper, config.resolution)
     checkpoint = find_checkpoint(config) if config.resume_from else None
     dataset = UnlabeledImageFolderDataset(
         config.target_folder, config.max_num_target_images, center_crop_transform(config.resolution)
@@ -562,9 +579,7 @@ def textual_inversion(wrapper: StableDiffusionWrapper, config: TextualInversionC
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--images", required=True, help="folder with 3-10 images of the concept")
     parser.add_argument("--token", required=True, help='the new word, e.g. "<my-thing>"')
     parser.add_argument("--init", required=True, help="a one-token word to start from, e.g. ball")
@@ -573,35 +588,79 @@ def main() -> None:
         default=ptp_utils.DEFAULT_MODEL_ID,
         help=f"hub id or folder, or offline: {', '.join(ptp_utils.OFFLINE_MODELS)}",
     )
-    parser.add_argument("--num-vectors", type=int, default=1, help="vectors learned for the concept")
+    parser.add_argument(
+        "--num-vectors", type=cli.positive_int, default=1, help="vectors learned for the concept"
+    )
     templates = parser.add_mutually_exclusive_group()
     templates.add_argument("--style", action="store_true", help="learn a style (style prompt templates)")
     templates.add_argument(
         "--templates",
         nargs="+",
-        help='prompt templates instead, {} for the token, e.g. "a {}" "a {} in the center"',
+        help='prompt templates, {} for the token, e.g. "a {}" "a {} in the center" '
+        "(default: the object templates, or the style ones with --style)",
     )
-    parser.add_argument("--steps", type=int, default=NUM_INVERSION_STEPS)
-    parser.add_argument("--lr", type=float, default=LEARNING_RATE)
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--grad-accum", type=int, default=GRADIENT_ACCUMULATION_STEPS)
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    parser.add_argument("--resolution", type=int, help="training resolution (default: the model's)")
-    parser.add_argument("--max-images", type=int)
-    parser.add_argument("--show-every", type=int, default=SHOW_EVERY)
-    parser.add_argument("--sampling-steps", type=int, default=NUM_SAMPLING_STEPS, help="of the sample images")
-    parser.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY)
-    parser.add_argument("--resume", help='checkpoint folder, or "latest"')
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=cli.positive_int, default=NUM_INVERSION_STEPS, help="optimizer steps")
+    parser.add_argument(
+        "--lr", type=cli.positive_float, default=LEARNING_RATE, help="AdamW learning rate of the new rows"
+    )
+    parser.add_argument(
+        "--batch-size", type=cli.positive_int, default=BATCH_SIZE, help="images per forward pass"
+    )
+    parser.add_argument(
+        "--grad-accum",
+        type=cli.positive_int,
+        default=GRADIENT_ACCUMULATION_STEPS,
+        help="forward passes whose gradients make one optimizer step",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["no", "fp16", "bf16"],
+        default="no",
+        help="half precision for the frozen UNet and VAE (on a GPU)",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=cli.positive_int,
+        help="training resolution in pixels (default: the model's own)",
+    )
+    parser.add_argument(
+        "--max-images",
+        type=cli.positive_int,
+        help="use at most this many images of the folder (default: all)",
+    )
+    parser.add_argument(
+        "--show-every",
+        type=cli.non_negative_int,
+        default=SHOW_EVERY,
+        help="save sample images every N steps (and at the end); 0: only at the end",
+    )
+    parser.add_argument(
+        "--sampling-steps",
+        type=cli.positive_int,
+        default=NUM_SAMPLING_STEPS,
+        help="denoising steps of the sample images",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=cli.non_negative_int,
+        default=CHECKPOINT_EVERY,
+        help="save a resumable checkpoint every N steps; 0: none",
+    )
+    parser.add_argument(
+        "--resume",
+        help='continue from a checkpoint folder, or "latest" in OUTPUT_DIR (default: start afresh)',
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batches, noise and sample images")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the UNet and text encoder (on a GPU)"
     )
-    parser.add_argument("--output-dir", default="outputs/textual_inversion")
+    parser.add_argument(
+        "--output-dir",
+        default="outputs/textual_inversion",
+        help="folder for learned_embeds.safetensors, samples/ and checkpoints/",
+    )
     args = parser.parse_args()
 
-    # fp32 weights: accelerate casts the frozen parts for mixed precision, the trained rows stay fp32.
-    pipe = ptp_utils.load_pipeline(args.model, device="cpu", dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
     config = TextualInversionConfig(
         target_folder=args.images,
         placeholder_tokens=multi_vector_tokens(args.token, args.num_vectors),
@@ -619,10 +678,32 @@ def main() -> None:
         resume_from=args.resume,
         seed=args.seed,
         output_dir=args.output_dir,
-        resolution=args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor,
         compile=args.compile,
     )
+    # The user's mistakes end the script here, before anything is written; those that need only
+    # the command line, before the model loads.
+    with cli.user_errors("--images", FileNotFoundError, ValueError):
+        UnlabeledImageFolderDataset(config.target_folder, config.max_num_target_images)
+    with cli.user_errors("--templates", ValueError):
+        check_prompt_templates(config.prompt_templates)
+    if config.resume_from:
+        with cli.user_errors("--resume", FileNotFoundError):
+            find_checkpoint(config)
+    # fp32 weights: accelerate casts the frozen parts for mixed precision, the trained rows stay fp32.
+    with cli.user_errors("--model", OSError):
+        pipe = ptp_utils.load_pipeline(args.model, device="cpu", dtype=torch.float32)
+    # The sampler's own progress bar, gone once the images are there (during training it sits below
+    # the training bar).
+    pipe.set_progress_bar_config(desc="sample images", leave=False)
     wrapper = StableDiffusionWrapper(pipe)
+    config.resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    with cli.user_errors("--token", ValueError):
+        check_placeholder_tokens(pipe.tokenizer, config.placeholder_tokens)
+    with cli.user_errors("--init", ValueError):
+        initializer_token_id(pipe.tokenizer, config.initializer_token)
+    with cli.user_errors("--resolution", ValueError):
+        check_resolution(wrapper, config.resolution)
+
     textual_inversion(wrapper, config)
     if PartialState().is_main_process:
         if not (config.show_every and config.num_inversion_steps % config.show_every == 0):

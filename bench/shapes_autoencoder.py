@@ -1,4 +1,4 @@
-"""How usable a Shapes World autoencoder's latent space is for the diffusion model (issue 5).
+"""How usable a Shapes World autoencoder's latent space is for the diffusion model.
 
 A diffusion model's sample is never exactly a latent of the data set. This reads, for the
 autoencoder of a pipeline folder, what shapes_train.py's check after stage 1 reads (there on
@@ -17,15 +17,16 @@ Prints one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import cli  # noqa: E402
+
+import torch  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
 
 import ptp_utils  # noqa: E402
 from shapes_train import latent_report  # noqa: E402
@@ -42,13 +43,13 @@ def autoencoder_report(vae: AutoencoderKL, judged_images: int = JUDGED_IMAGES) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--model", default="shapes", help="the shipped model's short name, or a pipeline folder"
     )
-    parser.add_argument("--images", type=int, default=JUDGED_IMAGES, help="images the judge reads per level")
+    parser.add_argument(
+        "--images", type=cli.positive_int, default=JUDGED_IMAGES, help="images the judge reads per level"
+    )
     args = parser.parse_args()
     vae = ptp_utils.load_pipeline(args.model, device="cpu", dtype=torch.float32).vae
     print(json.dumps({"model": args.model, **autoencoder_report(vae, args.images)}))

@@ -12,15 +12,15 @@ image's background with the judge. Prints one JSON object:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import cli  # noqa: E402
+
+import numpy as np  # noqa: E402
 from shapes_eval import load_cpu_model, pipeline_images  # noqa: E402
 
 from shapes_world import BACKGROUNDS, judge  # noqa: E402
@@ -51,13 +51,11 @@ def background_report(model, seeds: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--model", default="shapes", help="the shipped model's short name, or a pipeline folder"
     )
-    parser.add_argument("--seeds", type=int, default=SEEDS, help="starting noises per caption")
+    parser.add_argument("--seeds", type=cli.positive_int, default=SEEDS, help="starting noises per caption")
     args = parser.parse_args()
     print(json.dumps({"model": args.model} | background_report(load_cpu_model(args.model), args.seeds)))
 

@@ -17,7 +17,6 @@ space shapes_train.py's check after stage 1 warns of.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -25,12 +24,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import cli  # noqa: E402
+
+import torch  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
 from shapes_autoencoder import autoencoder_report  # noqa: E402
 
 import shapes_train  # noqa: E402
@@ -49,14 +49,14 @@ def train_stage1(root: Path, seed: int, threads: int, train_args: list[str]) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--root", required=True, type=Path, help="folder for the runs, one per seed")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--parallel", type=int, default=2, help="runs at once (each bound by its own thread)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
-    parser.add_argument("train_args", nargs="*", help="after --: more shapes_train.py flags")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
+    parser.add_argument(
+        "--parallel", type=cli.positive_int, default=2, help="runs at once (each bound by its own thread)"
+    )
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="CPU threads per run")
+    parser.add_argument("train_args", nargs="*", default=[], help="after --: more shapes_train.py flags")
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.parallel) as pool:

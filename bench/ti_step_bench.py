@@ -17,7 +17,6 @@ the same shapes and work per step as the real model, without a download.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import statistics
@@ -27,14 +26,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from accelerate import PartialState
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cli  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from accelerate import PartialState  # noqa: E402
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from PIL import Image  # noqa: E402
+
 import ptp_utils  # noqa: E402
 import textual_inversion as ti  # noqa: E402
 
@@ -183,18 +185,39 @@ def profile_training(base, args, folder: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__)
     offline = ", ".join(ptp_utils.OFFLINE_MODELS)
     parser.add_argument("--model", default="tiny", help=f"hub id or folder, or offline: {offline}")
-    parser.add_argument("--resolution", type=int, help="default: the model's")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    parser.add_argument("--short-steps", type=int, default=2)
-    parser.add_argument("--long-steps", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-python-loop", action="store_true", help="it costs seconds per step on SD")
+    parser.add_argument(
+        "--resolution", type=cli.positive_int, help="training resolution in pixels (default: the model's own)"
+    )
+    parser.add_argument("--batch-size", type=cli.positive_int, default=1, help="images per step")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["no", "fp16", "bf16"],
+        default="no",
+        help="half precision for the frozen UNet and VAE (on a GPU)",
+    )
+    parser.add_argument(
+        "--short-steps",
+        type=cli.positive_int,
+        default=2,
+        help="steps of the short run, whose time is subtracted",
+    )
+    parser.add_argument(
+        "--long-steps",
+        type=cli.positive_int,
+        default=12,
+        help="steps of the long run; more than --short-steps",
+    )
+    parser.add_argument(
+        "--repeats", type=cli.positive_int, default=3, help="interleaved repeats of every timing"
+    )
+    parser.add_argument(
+        "--skip-python-loop",
+        action="store_true",
+        help="skip the Python row-restore loop (seconds per step on SD)",
+    )
     parser.add_argument(
         "--loss-every-step", action="store_true", help="also time our loop reading the loss every step"
     )
@@ -208,8 +231,12 @@ def main() -> None:
         action="store_true",
         help="torch.compile the UNet and text encoder, in our loop and in the bare passes alike",
     )
-    parser.add_argument("--profile", type=int, default=0, help="profile this many steps of our loop")
+    parser.add_argument(
+        "--profile", type=cli.non_negative_int, default=0, help="profile this many steps of our loop; 0: none"
+    )
     args = parser.parse_args()
+    if args.long_steps <= args.short_steps:
+        cli.usage_error(f"--long-steps {args.long_steps}: give more than --short-steps ({args.short_steps})")
 
     base = ptp_utils.load_pipeline(args.model, device="cpu", dtype=torch.float32)
     base.set_progress_bar_config(disable=True)

@@ -16,19 +16,21 @@ the binarized batches come from differs:
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cli  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
 import vae_mnist  # noqa: E402
 
 
@@ -85,11 +87,11 @@ def time_epoch(batches, total: int, config: vae_mnist.VAEConfig, data_mean: torc
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--batch-size", type=cli.positive_int, default=vae_mnist.VAEConfig.batch_size, help="images per step"
     )
-    parser.add_argument("--batch-size", type=int, default=vae_mnist.VAEConfig.batch_size)
-    parser.add_argument("--data-dir", default=vae_mnist.DATA_DIR)
+    parser.add_argument("--data-dir", default=vae_mnist.DATA_DIR, help=vae_mnist.DATA_DIR_HELP)
     args = parser.parse_args()
 
     config = vae_mnist.VAEConfig(batch_size=args.batch_size)

@@ -1,4 +1,4 @@
-"""The shipped Shapes World model, models/shapes (issue 5): a standard diffusers folder that runs offline."""
+"""The shipped Shapes World model, models/shapes: a standard diffusers folder that runs offline."""
 
 import json
 

@@ -407,7 +407,12 @@ def test_clipped_stage_one_gradients_barely_move_the_autoencoder(tiny_run, tmp_p
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [(dict(vae_steps=0), "--vae-steps N or --vae-from FOLDER"), (dict(checkpoint_every=0), "at least 1")],
+    [
+        (dict(vae_steps=0), "--vae-steps N or --vae-from FOLDER"),
+        (dict(checkpoint_every=0), "at least 1"),
+        (dict(vae_steps=0, vae_from="/nonexistent"), "--vae-from /nonexistent: give a pipeline folder"),
+        (dict(denoiser_from="/nonexistent"), "--denoiser-from /nonexistent: give a pipeline folder"),
+    ],
 )
 def test_settings_that_cannot_train_are_refused(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):

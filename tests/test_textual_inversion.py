@@ -291,7 +291,7 @@ def test_validation_sampling_writes_a_grid(tiny_pipe, tmp_path):
     assert ti.show_images(images).size == grid.size
 
 
-def test_command_line_trains_the_tiny_pipeline(tmp_path, image_folder, monkeypatch):
+def test_command_line_trains_the_tiny_pipeline(tmp_path, image_folder, monkeypatch, capsys):
     output_dir = tmp_path / "out"
     argv = ["textual_inversion.py", "--images", str(image_folder), "--token", TOKEN, "--init", "ball"]
     argv += ["--model", "tiny", "--steps", "3", "--grad-accum", "1", "--num-vectors", "2"]
@@ -315,6 +315,7 @@ def test_command_line_trains_the_tiny_pipeline(tmp_path, image_folder, monkeypat
         "step_000003.png",
     ]  # every 2 steps, and the end
     assert Image.open(grids[-1]).size == (32 * ti.NUM_VALIDATION_IMAGES, 32)
+    assert "sample images" in capsys.readouterr().err  # the sampler's progress bar
 
 
 def test_an_unreachable_model_says_how_to_work_offline():

@@ -103,6 +103,12 @@ def test_importance_weighted_estimate_does_not_depend_on_chunking(trained, monke
     assert torch.allclose(full, chunked, atol=1e-4)
 
 
+def test_the_importance_weighted_k_scales_with_the_run():
+    assert vae_mnist.scaled_iw_samples(80) == 5000  # the full run: Burda et al.'s K
+    assert vae_mnist.scaled_iw_samples(2) == 125
+    assert vae_mnist.scaled_iw_samples(1000) == 5000
+
+
 def test_sample_grid_is_8_by_8(tmp_path):
     values = torch.arange(64, dtype=torch.float32) / 63
     vae_mnist.save_grid(values[:, None, None].expand(64, 28, 28), tmp_path / "grid.png")
@@ -231,6 +237,13 @@ def test_command_line_writes_grids_curve_and_metrics(mnist, tmp_path, monkeypatc
     vae_mnist.main()
     again = json.loads((tmp_path / "metrics.json").read_text())
     assert again == metrics
+
+    # Without --iw-samples, K follows the run's length.
+    monkeypatch.setattr(
+        sys, "argv", ["vae_mnist.py", "--epochs", "2", "--hidden", "32", "--out", str(tmp_path / "k")]
+    )
+    vae_mnist.main()
+    assert json.loads((tmp_path / "k" / "metrics.json").read_text())["iw_samples"] == 125
 
     # Settings other than the checkpoint's are refused with --resume, not silently dropped.
     monkeypatch.setattr(sys, "argv", ["vae_mnist.py", "--resume", "--epochs", "3", "--out", str(tmp_path)])
