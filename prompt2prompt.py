@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import argparse
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -517,12 +518,15 @@ def text2image_ldm(
     low_resource: bool = False,
     height: int | None = None,
     width: int | None = None,
+    uncond_embeddings: list[torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Generate one image per prompt from one shared x_T, with `controller` on every attention layer.
 
     The manual denoising loop of the assignment, with whichever diffusers scheduler the pipeline
-    carries. A negative prompt replaces the empty prompt of the unconditional branch. Returns
-    (uint8 images of shape (B, H, W, 3), x_T).
+    carries. A negative prompt replaces the empty prompt of the unconditional branch;
+    `uncond_embeddings` (one (1, 77, dim) embedding per step, from an inversion of a real image)
+    replace it step by step, the same for every prompt. Returns (uint8 images of shape
+    (B, H, W, 3), x_T).
     """
     prompt = [prompt] if isinstance(prompt, str) else list(prompt)
     if num_inference_steps <= 0:
@@ -536,19 +540,29 @@ def text2image_ldm(
         )
     if getattr(controller, "batch_size", len(prompt)) != len(prompt):
         raise ValueError(f"The controller was built for {controller.batch_size} prompts, got {len(prompt)}.")
+    if uncond_embeddings is not None and len(uncond_embeddings) != num_inference_steps:
+        raise ValueError(
+            f"uncond_embeddings holds {len(uncond_embeddings)} embeddings but num_inference_steps is "
+            f"{num_inference_steps}: pass one per step (invert with as many steps as the edit takes)."
+        )
     if negative_prompt is None or isinstance(negative_prompt, str):
         negative_prompt = [negative_prompt or ""] * len(prompt)
     height = height or model.unet.config.sample_size * model.vae_scale_factor
     width = width or model.unet.config.sample_size * model.vae_scale_factor
 
-    context = torch.cat([encode_text(model, negative_prompt), encode_text(model, prompt)])
+    cond_embeddings = encode_text(model, prompt)
+    context = torch.cat([encode_text(model, negative_prompt), cond_embeddings])
     latent, latents = ptp_utils.init_latent(latent, model, height, width, generator, len(prompt))
     model.scheduler.set_timesteps(num_inference_steps, device=model.device)
     latents = latents * model.scheduler.init_noise_sigma
     controller.reset()
     controller.low_resource = low_resource
     with ptp_utils.register_attention_control(model, controller):
-        for t in model.progress_bar(model.scheduler.timesteps):
+        for i, t in enumerate(model.progress_bar(model.scheduler.timesteps)):
+            if uncond_embeddings is not None:
+                # One tensor expanded to the batch: every prompt's unconditional branch is the same.
+                null = uncond_embeddings[i].to(cond_embeddings).expand(len(prompt), -1, -1)
+                context = torch.cat([null, cond_embeddings])
             latents = ptp_utils.diffusion_step(
                 model, controller, latents, context, t, guidance_scale, low_resource, generator
             )
@@ -586,6 +600,220 @@ def run_and_display(
     )
     captioned = [ptp_utils.text_under_image(image, prompt) for image, prompt in zip(images, prompts)]
     return ptp_utils.view_images(captioned, save_path=save_path), images, x_t
+
+
+# ---------------------------------------------------------------------------------------------
+# Real images: inversion. A photo becomes an x_T (and per-step null embeddings) that the
+# generation above turns back into the photo, so that Prompt-to-Prompt can edit it.
+# ---------------------------------------------------------------------------------------------
+
+ImageInput = str | Path | Image.Image | np.ndarray
+NUM_INNER_STEPS = 10
+EARLY_STOP_EPSILON = 1e-5
+# Null-text inversion's schedule (Mokady et al. 2023): at denoising step i, Adam at
+# NULL_TEXT_LEARNING_RATE * (1 - i / 100), stopped once the loss is below epsilon + i * EARLY_STOP_SLOPE.
+NULL_TEXT_LEARNING_RATE = 1e-2
+EARLY_STOP_SLOPE = 2e-5
+INVERSION_KEYS = ("x_t", "uncond_embeddings")
+
+
+def load_image(model: StableDiffusionPipeline, image: ImageInput) -> Image.Image:
+    """The picture as RGB at the model's resolution: a path, a PIL image or a uint8 array (H, W, 3),
+    grey or RGBA converted, centre-cropped to a square and resized."""
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as opened:
+                image = opened.convert("RGB")
+        except OSError as error:  # a missing file, or one that is not a picture PIL reads
+            raise ValueError(f"Cannot read the image {str(image)!r}: {error}") from error
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError(
+                f"An image array must be uint8 of shape (H, W, 3), got {image.dtype} {image.shape}."
+            )
+        image = Image.fromarray(image)
+    size = model.unet.config.sample_size * model.vae_scale_factor
+    return model.image_processor.resize(image.convert("RGB"), size, size, resize_mode="crop")
+
+
+@torch.no_grad()
+def image2latent(model: StableDiffusionPipeline, image: ImageInput) -> torch.Tensor:
+    """z_0 of a picture: the mean of the VAE's posterior times its scaling factor, (1, C, h, w)."""
+    pixels = model.image_processor.preprocess(load_image(model, image))
+    posterior = model.vae.encode(pixels.to(model.device, model.vae.dtype)).latent_dist
+    return (posterior.mean * model.vae.config.scaling_factor).to(model.unet.dtype)
+
+
+def use_ddim(model: StableDiffusionPipeline) -> None:
+    """Inversion and its edit step with DDIM: another scheduler is swapped for DDIMScheduler with
+    the same configuration (noise schedule, prediction type), with a warning."""
+    from diffusers import DDIMScheduler
+
+    if not isinstance(model.scheduler, DDIMScheduler):
+        warnings.warn(
+            f"Inversion runs DDIM: the pipeline's {type(model.scheduler).__name__} is replaced by "
+            f"DDIMScheduler.from_config(its config), for the inversion and the edits after it.",
+            stacklevel=3,
+        )
+        model.scheduler = DDIMScheduler.from_config(model.scheduler.config)
+
+
+def predicted_noise(
+    model: StableDiffusionPipeline, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor
+) -> torch.Tensor:
+    """The noise epsilon that the UNet's output means for `sample` at `timestep`, whichever quantity
+    the model predicts (its scheduler's config.prediction_type: epsilon, v_prediction or sample)."""
+    alpha_prod_t = model.scheduler.alphas_cumprod[timestep]
+    beta_prod_t = 1 - alpha_prod_t
+    prediction_type = model.scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
+    if prediction_type == "sample":
+        return (sample - alpha_prod_t**0.5 * model_output) / beta_prod_t**0.5
+    raise ValueError(f"Unknown prediction_type {prediction_type!r}: epsilon, v_prediction or sample.")
+
+
+@torch.no_grad()
+def ddim_inversion(
+    model: StableDiffusionPipeline,
+    image: ImageInput,
+    prompt: str,
+    num_inference_steps: int = NUM_DIFFUSION_STEPS,
+) -> list[torch.Tensor]:
+    """DDIM inversion: the deterministic sampler run backwards from the picture's z_0 to z_T, with the
+    prompt's conditional prediction alone (no guidance). Returns [z_0, ..., z_T], num_inference_steps + 1
+    latents of shape (1, C, h, w)."""
+    from diffusers import DDIMInverseScheduler
+
+    use_ddim(model)
+    # The UNet's output is read as noise at the timestep the UNet is told (predicted_noise);
+    # DDIMInverseScheduler would read a v or x_0 prediction at the level of the latent it steps from.
+    inverse = DDIMInverseScheduler.from_config(model.scheduler.config, prediction_type="epsilon")
+    inverse.set_timesteps(num_inference_steps, device=model.device)
+    cond_embeddings = encode_text(model, [prompt])
+    latent = image2latent(model, image)
+    latents = [latent]
+    for t in model.progress_bar(inverse.timesteps):
+        model_output = model.unet(latent, t, encoder_hidden_states=cond_embeddings).sample
+        latent = inverse.step(predicted_noise(model, model_output, t, latent), t, latent).prev_sample
+        # The UNet may answer in channels-last layout; an edit from x_T rounds differently per layout,
+        # and must not change when x_T is saved and loaded (contiguous).
+        latent = latent.contiguous()
+        latents.append(latent)
+    return latents
+
+
+class NullInversion:
+    """Null-text inversion (Mokady et al. 2023): DDIM inversion gives the pivot trajectory z_0..z_T; then,
+    denoising from z_T with guidance, the null (unconditional) embedding of each step is optimised so
+    that the guided DDIM step lands on the pivot's next latent.
+
+    The optimised embedding is an fp32 leaf; the UNet runs in its own dtype (the embedding is cast
+    for the forward pass, fp16 gradients are loss-scaled) and the loss is taken in fp32.
+    """
+
+    def __init__(
+        self,
+        model: StableDiffusionPipeline,
+        num_ddim_steps: int = NUM_DIFFUSION_STEPS,
+        guidance_scale: float = GUIDANCE_SCALE,
+    ):
+        self.model = model
+        self.num_ddim_steps = num_ddim_steps
+        self.guidance_scale = guidance_scale
+
+    def invert(
+        self,
+        image: ImageInput,
+        prompt: str,
+        num_inner_steps: int = NUM_INNER_STEPS,
+        early_stop_epsilon: float = EARLY_STOP_EPSILON,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Invert a picture described by `prompt`. Returns x_T and num_ddim_steps null embeddings
+        (fp32, (1, 77, dim)), for text2image_ldm's `latent` and `uncond_embeddings`."""
+        model, dtype = self.model, self.model.unet.dtype
+        pivots = ddim_inversion(model, image, prompt, self.num_ddim_steps)
+        with torch.no_grad():
+            cond_embeddings = encode_text(model, [prompt])
+            null = encode_text(model, [""]).float()
+        model.scheduler.set_timesteps(self.num_ddim_steps, device=model.device)
+        # fp16 gradients of a loss this small underflow: scale the loss up, the gradient back down.
+        scaler = torch.amp.GradScaler(model.device.type, enabled=dtype == torch.float16)
+        latent = pivots[-1]
+        uncond_embeddings = []
+        for i, t in enumerate(model.progress_bar(model.scheduler.timesteps)):
+            target = pivots[-2 - i].float()
+            with torch.no_grad():
+                noise_pred_cond = model.unet(latent, t, encoder_hidden_states=cond_embeddings).sample
+            null = null.detach().clone().requires_grad_(True)  # a new leaf: the stored ones stay as they are
+            optimizer = torch.optim.Adam([null], lr=NULL_TEXT_LEARNING_RATE * (1 - i / 100))
+            for _ in range(num_inner_steps):
+                noise_pred_uncond = model.unet(latent, t, encoder_hidden_states=null.to(dtype)).sample
+                noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_cond - noise_pred_uncond)
+                latent_prev = model.scheduler.step(noise_pred.float(), t, latent.float()).prev_sample
+                loss = F.mse_loss(latent_prev, target)
+                # The embedding's gradient alone: none is computed for the UNet's weights.
+                (null.grad,) = torch.autograd.grad(scaler.scale(loss), null)
+                scaler.step(optimizer)
+                scaler.update()
+                if loss.item() < early_stop_epsilon + i * EARLY_STOP_SLOPE:
+                    break
+            null = null.detach()
+            uncond_embeddings.append(null)
+            # The next step starts where the edit's denoising will be, not at the pivot.
+            with torch.no_grad():
+                context = torch.cat([null.to(dtype), cond_embeddings])
+                latent = ptp_utils.diffusion_step(
+                    model, EmptyControl(), latent, context, t, self.guidance_scale
+                )
+        return pivots[-1], uncond_embeddings
+
+
+def negative_prompt_inversion(
+    model: StableDiffusionPipeline,
+    image: ImageInput,
+    prompt: str,
+    num_inference_steps: int = NUM_DIFFUSION_STEPS,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Negative-prompt inversion (Miyake et al. 2023): DDIM inversion's x_T, with the prompt's own
+    embedding as every step's null embedding (no optimisation). Returns what NullInversion.invert does."""
+    x_t = ddim_inversion(model, image, prompt, num_inference_steps)[-1]
+    with torch.no_grad():
+        cond_embeddings = encode_text(model, [prompt]).float()
+    return x_t, [cond_embeddings] * num_inference_steps
+
+
+def save_inversion(path: str | Path, x_t: torch.Tensor, uncond_embeddings: list[torch.Tensor]) -> None:
+    """Write an inversion (x_T and the per-step null embeddings) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {"x_t": x_t, "uncond_embeddings": torch.cat(uncond_embeddings)}
+    save_file({key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()}, str(path))
+
+
+def load_inversion(path: str | Path) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Read a file that save_inversion wrote: (x_T, the per-step null embeddings), on the CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"Cannot read the inversion {str(path)!r}: {error}") from error
+    shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+    if (
+        set(shapes) != set(INVERSION_KEYS)
+        or len(shapes["x_t"]) != 4
+        or shapes["x_t"][0] != 1
+        or len(shapes["uncond_embeddings"]) != 3
+    ):
+        raise ValueError(
+            f"{str(path)!r} is not a saved inversion: it holds {shapes}, not x_t (1, C, h, w) and "
+            f"uncond_embeddings (steps, 77, dim)."
+        )
+    return tensors["x_t"], list(tensors["uncond_embeddings"].split(1))
 
 
 # ---------------------------------------------------------------------------------------------
