@@ -632,6 +632,10 @@ def load_image(model: StableDiffusionPipeline, image: ImageInput) -> Image.Image
                 f"An image array must be uint8 of shape (H, W, 3), got {image.dtype} {image.shape}."
             )
         image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        raise TypeError(
+            f"image: give a path, a PIL image or a uint8 array (H, W, 3), not {type(image).__name__}."
+        )
     size = model.unet.config.sample_size * model.vae_scale_factor
     return model.image_processor.resize(image.convert("RGB"), size, size, resize_mode="crop")
 

@@ -11,11 +11,19 @@
                     from 5 rendered images: the share of samples of "a <token>" that the judge reads
                     as that pair; init_success is the same for the initializer word alone,
                     named_success for the pair's own words ("a purple triangle").
+  inversion_*       --inversion-scenes rendered one-object scenes (ground truth, not generated), each
+                    inverted with its own caption by DDIM inversion, negative-prompt inversion and
+                    null-text inversion: the PSNR of the reconstruction (guidance 7.5) against the
+                    picture, with the VAE's own round trip (vae_roundtrip_psnr) as the ceiling, and
+                    seconds per picture of each method. real_edit_success: a shape swap made with
+                    Prompt-to-Prompt on the null-text inversion is judged the new shape with the
+                    picture's colour, background and position; real_edit_layout_iou against the picture.
 
 Prints one JSON object last; --json writes it to a file too.
 
     python bench/shapes_eval.py                 # the full evaluation (README's figures)
     python bench/shapes_eval.py --quick         # a few of each, to check the plumbing
+    python bench/shapes_eval.py --parts inversion --inversion-steps 20 --threads 1   # inversion alone
 """
 
 from __future__ import annotations
@@ -47,10 +55,12 @@ from shapes_world import (  # noqa: E402
     SIZES,
     JudgedObject,
     Judgement,
+    Scene,
     ShapeObject,
     judge,
     layout_iou,
     make_caption,
+    render,
     sample_scene,
     save_held_out_images,
     scene_rng,
@@ -62,7 +72,7 @@ BATCH = 25  # captions per pipeline call
 ADHERENCE_CAPTIONS = 200
 P2P_SEEDS = 120
 SWAPS = ("colour", "shape", "background")
-PARTS = ("adherence", "p2p", "ti")
+PARTS = ("adherence", "p2p", "ti", "inversion")
 # Self-attention injection keeps the source's structure, and on this model the background is part
 # of it: a background swap is a global edit, made without it (docs/shapes_runs.md, run 8's 40
 # background swaps: 30% succeed with the editor's 0.4, 62.5% with 0).
@@ -78,8 +88,13 @@ TI_TEMPLATES = ["a {}", "a {} in the center"]
 TI_STEPS = 600
 TI_LR = 5e-3
 TI_BATCH = 8
-# Base seeds of the three studies; the data set was drawn with seed 0 (shapes_train.py).
-ADHERENCE_SEED, P2P_SEED, TI_SEED = 101, 202, 303
+INVERSION_SCENES = 100
+INVERSION_METHODS = ("ddim", "negative_prompt", "null_text")
+# An edited object is in the picture's place when its box's centre is this close (pixels): the
+# named positions are jittered by 3 px, and every shape fills its box, so a swap keeps the centre.
+POSITION_TOLERANCE = 3.0
+# Base seeds of the studies; the data set was drawn with seed 0 (shapes_train.py).
+ADHERENCE_SEED, P2P_SEED, TI_SEED, INVERSION_SEED = 101, 202, 303, 404
 
 
 def load_cpu_model(model_id: str) -> StableDiffusionPipeline:
@@ -278,6 +293,132 @@ def ti_study(
     return report
 
 
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 images, in dB."""
+    mse = np.mean((image.astype(float) - reference.astype(float)) ** 2)
+    return float(10 * np.log10(255**2 / max(mse, 1e-10)))
+
+
+def one_object_scenes(n: int, seed: int) -> list[Scene]:
+    """The first n one-object scenes of the data set stream `seed` (captions as the model was trained)."""
+    scenes, i = [], 0
+    while len(scenes) < n:
+        scene = sample_scene(scene_rng(seed, i))
+        if len(scene.objects) == 1:
+            scenes.append(scene)
+        i += 1
+    return scenes
+
+
+def shape_swap(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """The scene's caption with its object's shape swapped for another (never the held-out pair)."""
+    obj = scene.objects[0]
+    new = str(rng.choice([s for s in SHAPES if s != obj.shape and (obj.colour, s) != HELD_OUT]))
+    return scene.caption.replace(f" {obj.shape}", f" {new}"), new
+
+
+def keeps_all_but_the_shape(seen: Judgement, scene: Scene, shape: str) -> bool:
+    """Whether the judge reads `shape`, with the scene's colour, background and place (box centre)."""
+    main, obj = main_object(seen), scene.objects[0]
+    if main is None:
+        return False
+    rows, cols = np.nonzero(main.mask)
+    # Pixel (r, c) covers [c, c + 1): the box centre in the coordinates that render() draws in.
+    centre = ((cols.min() + cols.max() + 1) / 2, (rows.min() + rows.max() + 1) / 2)
+    return (
+        main.shape == shape
+        and main.colour == obj.colour
+        and seen.background == scene.background
+        and np.hypot(centre[0] - obj.x, centre[1] - obj.y) <= POSITION_TOLERANCE
+    )
+
+
+def invert(
+    model: StableDiffusionPipeline, method: str, image: np.ndarray, caption: str, steps: int, inner_steps: int
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """x_T and the per-step null embeddings (None: the empty prompt's) of one inversion method."""
+    if method == "ddim":
+        return p2p.ddim_inversion(model, image, caption, steps)[-1], None
+    if method == "negative_prompt":
+        return p2p.negative_prompt_inversion(model, image, caption, steps)
+    return p2p.NullInversion(model, steps, GUIDANCE).invert(image, caption, inner_steps)
+
+
+def inversion_study(model: StableDiffusionPipeline, n: int, steps: int, inner_steps: int, out: Path) -> dict:
+    """Rendered pictures inverted by each method: reconstruction PSNR, seconds, and real-picture edits."""
+    seconds = {method: [] for method in INVERSION_METHODS}
+    psnrs = {method: [] for method in ("vae_roundtrip", *INVERSION_METHODS)}
+    success = {method: [] for method in INVERSION_METHODS}
+    iou = {method: [] for method in INVERSION_METHODS}
+    for i, scene in enumerate(tqdm(one_object_scenes(n, INVERSION_SEED), desc="inversion")):
+        image, caption = render(scene), scene.caption
+        target, shape = shape_swap(scene, np.random.default_rng([INVERSION_SEED, i]))
+        seen_image = judge(image)
+        vae = ptp_utils.latent2image(model.vae, p2p.image2latent(model, image))[0]
+        psnrs["vae_roundtrip"].append(psnr(vae, image))
+        tiles = [(image, caption), (vae, "VAE round trip")]
+        for method in INVERSION_METHODS:  # interleaved: each picture is inverted by every method in turn
+            started = time.perf_counter()
+            x_t, uncond_embeddings = invert(model, method, image, caption, steps, inner_steps)
+            seconds[method].append(time.perf_counter() - started)
+            (rebuilt,), _ = p2p.text2image_ldm(
+                model,
+                [caption],
+                p2p.EmptyControl(),
+                steps,
+                GUIDANCE,
+                latent=x_t,
+                uncond_embeddings=uncond_embeddings,
+            )
+            psnrs[method].append(psnr(rebuilt, image))
+            controller = p2p.AttentionReplace(
+                [caption, target],
+                steps,
+                p2p.CROSS_REPLACE_STEPS,
+                p2p.SELF_REPLACE_STEPS,
+                tokenizer=model.tokenizer,
+                device=model.device,
+            )
+            (_, edit), _ = p2p.text2image_ldm(
+                model,
+                [caption, target],
+                controller,
+                steps,
+                GUIDANCE,
+                latent=x_t,
+                uncond_embeddings=uncond_embeddings,
+            )
+            seen_edit = judge(edit)
+            success[method].append(keeps_all_but_the_shape(seen_edit, scene, shape))
+            iou[method].append(layout_iou(seen_image, seen_edit))
+            name = method.replace("_", "-")
+            tiles += [(rebuilt, name), (edit, f"{name}, P2P: {target}")]
+        if i < 12:
+            captioned = [
+                ptp_utils.text_under_image(np.kron(t, np.ones((2, 2, 1), np.uint8)), c) for t, c in tiles
+            ]
+            ptp_utils.view_images(captioned, save_path=out / f"inversion_{i:03d}.png")
+
+    report = {f"inversion_psnr_{method}": float(np.mean(psnrs[method])) for method in INVERSION_METHODS}
+    report["vae_roundtrip_psnr"] = float(np.mean(psnrs["vae_roundtrip"]))
+    # The edit of record is null-text inversion's; the others for comparison.
+    report["real_edit_success"] = float(np.mean(success["null_text"]))
+    report["real_edit_layout_iou"] = float(np.mean(iou["null_text"]))
+    report["real_edit_by_method"] = {
+        method: {"success": float(np.mean(success[method])), "layout_iou": float(np.mean(iou[method]))}
+        for method in INVERSION_METHODS
+    }
+    report["inversion_seconds_per_image"] = {
+        method: {key: float(f(times)) for key, f in (("min", np.min), ("median", np.median), ("max", np.max))}
+        for method, times in seconds.items()
+    }
+    report["null_text_over_negative_prompt_time"] = float(
+        np.median(seconds["null_text"]) / np.median(seconds["negative_prompt"])
+    )
+    report |= {"inversion_scenes": n, "inversion_steps": steps, "inversion_inner_steps": inner_steps}
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -304,6 +445,13 @@ def main() -> None:
         default=SELF_REPLACE_STEPS["background"],
         help="self-attention injection of background swaps",
     )
+    parser.add_argument(
+        "--inversion-scenes", type=int, default=INVERSION_SCENES, help="rendered pictures to invert"
+    )
+    parser.add_argument("--inversion-steps", type=int, default=STEPS, help="DDIM steps of inversion and edit")
+    parser.add_argument(
+        "--inner-steps", type=int, default=p2p.NUM_INNER_STEPS, help="null-text optimisation steps per step"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -328,6 +476,14 @@ def main() -> None:
                 args.ti_every,
                 args.ti_vectors,
             )
+    if "inversion" in args.parts:
+        report |= inversion_study(
+            model,
+            3 if args.quick else args.inversion_scenes,
+            args.inversion_steps,
+            args.inner_steps,
+            figures,
+        )
     report["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -217,6 +217,8 @@ def test_an_unreadable_image_is_refused(tiny_pipe, tmp_path):
             p2p.ddim_inversion(tiny_pipe, image, "a cat", STEPS)
     with pytest.raises(ValueError, match="must be uint8"):
         p2p.load_image(tiny_pipe, np.zeros((32, 32, 3)))
+    with pytest.raises(TypeError, match="not Tensor"):
+        p2p.load_image(tiny_pipe, torch.zeros(32, 32, 3))
 
 
 def test_grey_rgba_and_oblong_pictures_are_converted_and_centre_cropped(tiny_pipe, tmp_path):
