@@ -18,12 +18,25 @@
                     seconds per picture of each method. real_edit_success: a shape swap made with
                     Prompt-to-Prompt on the null-text inversion is judged the new shape with the
                     picture's colour, background and position; real_edit_layout_iou against the picture.
+  refine_*          --edit-scenes one-object captions without a size word ("a red circle on a black
+                    background"), refined with AttentionRefine to "a small ..." and "a large ...":
+                    success when the judge reads the asked size with the source's colour, shape,
+                    background and place; layout IoU against the source; plain_refine_* regenerates
+                    the targets from the same x_T.
+  reweight_*        "a large red circle ..." against itself with AttentionReweight, the weight of
+                    "large" at 0, 1, 2 and 4: reweight_monotonic is the share of scenes in which the
+                    main object's area never shrinks along the weights and ends larger than it began.
+  local_blend_*     shape swaps of one object of two-object scenes, AttentionReplace with a LocalBlend
+                    on that object's colour and shape words (p2p_*: without): the share of background
+                    pixels (outside both images' objects) that change by more than 10 levels, whether
+                    the other object keeps its colour, shape and mask (IoU >= 0.8), the swap's success.
 
 Prints one JSON object last; --json writes it to a file too.
 
     python bench/shapes_eval.py                 # the full evaluation (README's figures)
     python bench/shapes_eval.py --quick         # a few of each, to check the plumbing
     python bench/shapes_eval.py --parts inversion --inversion-steps 20 --threads 1   # inversion alone
+    python bench/shapes_eval.py --parts refine reweight local_blend --edit-steps 20 --threads 1
 """
 
 from __future__ import annotations
