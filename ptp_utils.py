@@ -236,8 +236,8 @@ def load_pipeline(
         if not (SHAPES_MODEL_DIR / "model_index.json").exists():
             raise OSError(
                 f"No Shapes World model in {SHAPES_MODEL_DIR}: train one with the commands under "
-                f'"The full run" in docs/shapes_world.md (shapes_train.py) and copy its OUT/pipeline folder there, '
-                f"or pass a pipeline folder."
+                f'"The full run" in docs/shapes_world.md (shapes_train.py) and copy its OUT/pipeline '
+                f"folder there, or pass a pipeline folder."
             )
         model_id = str(SHAPES_MODEL_DIR)
     elif model_id in OFFLINE_MODELS:

@@ -15,7 +15,7 @@ The run saves its state (weights, optimisers, learning-rate schedules, EMA, RNG)
 every --checkpoint-every steps and resumes from it when started again with the same --out; at
 the end it writes a standard diffusers pipeline folder, DIR/pipeline, in fp16 safetensors.
 
-    python shapes_train.py --out outputs/shapes_run            # the shipped model's recipe (docs/shapes_world.md)
+    python shapes_train.py --out outputs/shapes_run     # the shipped model's recipe (docs/shapes_world.md)
     python shapes_train.py --out outputs/smoke --preset tiny --vae-steps 5 --diffusion-steps 5 \\
         --finetune-steps 5                                      # a smoke run, under a minute
 """
@@ -244,7 +244,8 @@ def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float) -> torc
 
     Both terms are summed over each image, as in Stable Diffusion's autoencoder. The KL weight
     sets how much noise the posterior carries, and so how far off a latent may be before the
-    decoder draws another picture (bench/shapes_autoencoder.py; docs/shapes_world.md, "Training"): at SD's 1e-6
+    decoder draws another picture (bench/shapes_autoencoder.py; docs/shapes_world.md, "Training"): at
+    SD's 1e-6
     the decoder misreads over half the objects once the latent is off by 0.2 of its spread, well
     within a small diffusion model's error; at 1e-3, the default, it still reads 89% right there
     (with it and a diffusion learning rate of 1e-3, a full run's adherence rose from 14% to 24%);

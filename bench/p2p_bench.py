@@ -1,146 +1,187 @@
-"""Time and peak memory of a Prompt-to-Prompt edit against diffusers' own pipeline, in one run.
+"""Time and peak memory of each Prompt-to-Prompt edit against diffusers' own pipeline, in one run.
 
-  (a) pipeline:   StableDiffusionPipeline.__call__ generating the same two images
-  (b) p2p:        text2image_ldm with AttentionReplace (attention materialised only where edited)
-  (c) p2p_naive:  the same edit with every attention matrix materialised (the reference code's way)
+  pipeline   StableDiffusionPipeline.__call__ generating the two images of the word swap
+  replace    AttentionReplace: "... on a bicycle." -> "... on a motorcycle."
+  refine     AttentionRefine: a word added ("... on a red bicycle.")
+  reweight   AttentionReweight alone: the source prompt against itself, "cat" weighing twice
+  blend      the word swap with a LocalBlend on the swapped words
+  naive      the word swap with every attention matrix materialised (the reference code's way)
 
-Each variant runs in a fresh subprocess, warms up once, then is timed (median of --repeats) while
-its peak memory is taken: on CUDA the peak of torch's allocator, on CPU (Linux) the peak resident
-size over the size before the timed runs. Prints a table and the ratios (b)/(a) and (c)/(a) as JSON, last.
+One process loads the model and runs every variant once to warm up; then each of --repeats rounds
+runs the pipeline and every edit once, in turn (interleaved: a slow spell of a shared machine
+touches them all). Each edit's time is divided by the pipeline's of the same round: min, median
+and max of those ratios over the rounds. Peak memory of a run, on CUDA: torch's max_memory_allocated
+over what was allocated before it; on the CPU it is not measured (n/a): the allocator keeps freed
+memory for the next run, so the peak resident size of one process does not separate the variants.
+Prints a table, then the figures as JSON, last.
 
-    python bench/p2p_bench.py                      # tiny random pipeline, 64 px, CPU
-    python bench/p2p_bench.py --model CompVis/stable-diffusion-v1-4 --size 512 --steps 50   # on a GPU
+    python bench/p2p_bench.py                                                # tiny pipeline, 64 px
+    python bench/p2p_bench.py --model sd1-random --size 256 --steps 5 --repeats 3
+    python bench/p2p_bench.py --model sd1-random --size 512 --steps 50 --repeats 7   # on a GPU, fp16
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import prompt2prompt as p2p  # noqa: E402
+import cli  # noqa: E402
 
-VARIANTS = ("pipeline", "p2p", "p2p_naive")
-PROMPTS = [p2p.SOURCE_PROMPT, p2p.TARGET_PROMPT]
+import torch  # noqa: E402
+
+import prompt2prompt as p2p  # noqa: E402
+import ptp_utils  # noqa: E402
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+EDITS = ("replace", "refine", "reweight", "blend", "naive")
+DEFAULT_EDITS = ("replace", "refine", "reweight", "blend")
+SOURCE = p2p.SOURCE_PROMPT
+TARGETS = {
+    "replace": p2p.TARGET_PROMPT,
+    "refine": "photo of a cat riding on a red bicycle.",
+    "reweight": SOURCE,
+    "blend": p2p.TARGET_PROMPT,
+    "naive": p2p.TARGET_PROMPT,
+}
+REWEIGHT_WORD, REWEIGHT_SCALE = "cat", 2.0
+BLEND_WORDS = ["bicycle", "motorcycle"]
 
 
 class MaterialiseEverything(p2p.AttentionReplace):
-    """The same edit, but every layer at every step computes its attention probabilities explicitly."""
+    """The word swap, but every layer at every step computes its attention probabilities explicitly."""
 
     def needs_attention(self, is_cross: bool, place_in_unet: str, num_queries: int) -> bool:
         return p2p.AttentionControl.needs_attention(self, is_cross, place_in_unet, num_queries)
 
 
-def proc_status_bytes(field: str) -> int:
-    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
+def make_controller(edit: str, model: StableDiffusionPipeline, steps: int) -> p2p.AttentionControlEdit:
+    """The controller of one edit of the prompts [SOURCE, TARGETS[edit]], built afresh for each run."""
+    prompts = [SOURCE, TARGETS[edit]]
+    settings = dict(
+        num_steps=steps,
+        cross_replace_steps=p2p.CROSS_REPLACE_STEPS,
+        self_replace_steps=p2p.SELF_REPLACE_STEPS,
+        tokenizer=model.tokenizer,
+        device=model.device,
+    )
+    if edit == "refine":
+        return p2p.AttentionRefine(prompts, **settings)
+    if edit == "reweight":
+        equalizer = p2p.get_equalizer(SOURCE, REWEIGHT_WORD, [REWEIGHT_SCALE], model.tokenizer)
+        return p2p.AttentionReweight(prompts, equalizer=equalizer, **settings)
+    if edit == "blend":
+        blend = p2p.LocalBlend(prompts, BLEND_WORDS, model.tokenizer)
+        return p2p.AttentionReplace(prompts, local_blend=blend, **settings)
+    if edit == "naive":
+        return MaterialiseEverything(prompts, **settings)
+    return p2p.AttentionReplace(prompts, **settings)
 
 
-def run_variant(args: argparse.Namespace) -> dict:
-    model = p2p.load_model(args.model, args.device)
-    model.set_progress_bar_config(disable=True)
-    cuda = model.device.type == "cuda"
-    x_t = torch.randn(
-        1,
-        4,
-        args.size // model.vae_scale_factor,
-        args.size // model.vae_scale_factor,
-        generator=torch.Generator().manual_seed(0),
-    ).to(model.device, model.unet.dtype)
+def make_runs(
+    model: StableDiffusionPipeline, edits: list[str], size: int, steps: int
+) -> dict[str, Callable[[], None]]:
+    """One generation of the two images per variant, all from the same x_T."""
+    latent_size = size // model.vae_scale_factor
+    x_t = torch.randn(1, 4, latent_size, latent_size, generator=torch.Generator().manual_seed(0))
+    x_t = x_t.to(model.device, model.unet.dtype)
 
-    def generate():
-        if args.variant == "pipeline":
-            model(
-                PROMPTS,
-                height=args.size,
-                width=args.size,
-                num_inference_steps=args.steps,
-                latents=x_t.expand(2, -1, -1, -1),
-                output_type="np",
-            )
-            return
-        controller_class = p2p.AttentionReplace if args.variant == "p2p" else MaterialiseEverything
-        controller = controller_class(
-            PROMPTS,
-            args.steps,
-            p2p.CROSS_REPLACE_STEPS,
-            p2p.SELF_REPLACE_STEPS,
-            tokenizer=model.tokenizer,
-            device=model.device,
-        )
-        p2p.text2image_ldm(
-            model, PROMPTS, controller, args.steps, latent=x_t, height=args.size, width=args.size
+    def pipeline() -> None:
+        model(
+            [SOURCE, TARGETS["replace"]],
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            latents=x_t.expand(2, -1, -1, -1),
+            output_type="np",
         )
 
-    generate()  # warm-up: one-time allocations and caches do not count
+    def edit_run(edit: str) -> Callable[[], None]:
+        def run() -> None:
+            controller = make_controller(edit, model, steps)
+            prompts = [SOURCE, TARGETS[edit]]
+            p2p.text2image_ldm(model, prompts, controller, steps, latent=x_t, height=size, width=size)
+
+        return run
+
+    return {"pipeline": pipeline} | {edit: edit_run(edit) for edit in edits}
+
+
+def timed(run: Callable[[], None], cuda: bool) -> tuple[float, float | None]:
+    """Seconds of one run, and its peak memory in MB over what was allocated before it (CUDA only)."""
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident size restarts from now
-        base = proc_status_bytes("VmRSS")
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        generate()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if cuda else proc_status_bytes("VmHWM")) - base
-    return {
-        "variant": args.variant,
-        "seconds": statistics.median(times),
-        "peak_mb": peak / 2**20,
-        "device": str(model.device),
-        "name": torch.cuda.get_device_name() if cuda else "cpu",
-    }
+    start = time.perf_counter()
+    run()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return seconds, (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Min, median and max."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="tiny", help="hub id, local folder or an offline short name")
-    parser.add_argument("--size", type=int, default=64, help="image height and width in pixels")
-    parser.add_argument("--steps", type=int, default=10, help="denoising steps")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # set for the subprocesses
+    parser.add_argument("--size", type=cli.positive_int, default=64, help="image height and width in pixels")
+    parser.add_argument("--steps", type=cli.positive_int, default=10, help="denoising steps")
+    parser.add_argument(
+        "--repeats", type=cli.positive_int, default=3, help="timed rounds (every variant once per round)"
+    )
+    parser.add_argument("--edits", nargs="+", choices=EDITS, default=DEFAULT_EDITS, help="edits to time")
+    parser.add_argument("--device", help="cuda or cpu; None: cuda when available")
     args = parser.parse_args()
 
-    if args.variant:
-        print(json.dumps(run_variant(args)))
-        return
-    results = {}
-    for variant in VARIANTS:
-        command = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[variant] = json.loads(output.strip().splitlines()[-1])
-        r = results[variant]
-        print(f"{variant:>10}: {r['seconds']:.3f} s, peak {r['peak_mb']:.0f} MB ({r['name']})")
-    a = results["pipeline"]
+    model = ptp_utils.load_pipeline_or_exit(args.model, args.device)
+    ptp_utils.check_sampler_steps(model.scheduler, args.steps, type(model.scheduler).__name__)
+    if args.size % model.vae_scale_factor:
+        cli.usage_error(f"--size {args.size}: give a multiple of {model.vae_scale_factor}")
+    model.set_progress_bar_config(disable=True)
+    cuda = model.device.type == "cuda"
+    runs = make_runs(model, list(dict.fromkeys(args.edits)), args.size, args.steps)
+    for run in runs.values():  # warm-up: one-time allocations and caches do not count
+        run()
+    seconds = {name: [] for name in runs}
+    peaks = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            took, peak = timed(run, cuda)
+            seconds[name].append(took)
+            peaks[name].append(peak)
+
+    device = torch.cuda.get_device_name(model.device) if cuda else "cpu"
+    for name in runs:
+        low, mid, high = spread(seconds[name]).values()
+        memory = f"peak {statistics.median(peaks[name]):.0f} MB" if cuda else "peak n/a"
+        print(f"{name:>9}: {mid:.3f} s (min {low:.3f}, max {high:.3f}), {memory} ({device})")
     summary = {
         "model": args.model,
         "size": args.size,
         "steps": args.steps,
-        "device": a["name"],
-        "p2p_over_pipeline_time": results["p2p"]["seconds"] / a["seconds"],
-        "p2p_over_pipeline_memory": results["p2p"]["peak_mb"] / a["peak_mb"],
-        "naive_over_pipeline_time": results["p2p_naive"]["seconds"] / a["seconds"],
-        "naive_over_pipeline_memory": results["p2p_naive"]["peak_mb"] / a["peak_mb"],
+        "repeats": args.repeats,
+        "device": device,
+        "dtype": str(model.unet.dtype).removeprefix("torch."),
+        "seconds": {name: spread(times) for name, times in seconds.items()},
     }
+    pipeline = seconds["pipeline"]
+    for edit in [name for name in runs if name != "pipeline"]:
+        ratios = [took / base for took, base in zip(seconds[edit], pipeline, strict=True)]
+        summary[f"{edit}_over_pipeline_time"] = spread(ratios)
+        summary[f"{edit}_over_pipeline_memory"] = max(peaks[edit]) / max(peaks["pipeline"]) if cuda else "n/a"
     print(json.dumps(summary))
 
 

@@ -18,17 +18,30 @@
                     seconds per picture of each method. real_edit_success: a shape swap made with
                     Prompt-to-Prompt on the null-text inversion is judged the new shape with the
                     picture's colour, background and position; real_edit_layout_iou against the picture.
+  refine_*          --edit-scenes one-object captions without a size word ("a red circle on a black
+                    background"), refined with AttentionRefine to "a small ..." and "a large ...":
+                    success when the judge reads the asked size with the source's colour, shape,
+                    background and place; layout IoU against the source; plain_refine_* regenerates
+                    the targets from the same x_T.
+  reweight_*        "a large red circle ..." against itself with AttentionReweight, the weight of
+                    "large" at 0, 1, 2 and 4: reweight_monotonic is the share of scenes in which the
+                    main object's area never shrinks along the weights and ends larger than it began.
+  local_blend_*     shape swaps of one object of two-object scenes, AttentionReplace with a LocalBlend
+                    on that object's colour and shape words (p2p_*: without): the share of background
+                    pixels (outside both images' objects) that change by more than 10 levels, whether
+                    the other object keeps its colour, shape and mask (IoU >= 0.8), the swap's success.
 
 Prints one JSON object last; --json writes it to a file too.
 
     python bench/shapes_eval.py                 # the full evaluation (docs/shapes_world.md's figures)
     python bench/shapes_eval.py --quick         # a few of each, to check the plumbing
     python bench/shapes_eval.py --parts inversion --inversion-steps 20 --threads 1   # inversion alone
+    python bench/shapes_eval.py --parts refine reweight local_blend --edit-steps 20 --threads 1
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -36,12 +49,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-import torch
-from diffusers import StableDiffusionPipeline
-from tqdm.auto import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import cli  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 import prompt2prompt as p2p  # noqa: E402
 import ptp_utils  # noqa: E402
@@ -60,6 +75,7 @@ from shapes_world import (  # noqa: E402
     judge,
     layout_iou,
     make_caption,
+    objects_mask,
     render,
     sample_scene,
     save_held_out_images,
@@ -72,7 +88,7 @@ BATCH = 25  # captions per pipeline call
 ADHERENCE_CAPTIONS = 200
 P2P_SEEDS = 120
 SWAPS = ("colour", "shape", "background")
-PARTS = ("adherence", "p2p", "ti", "inversion")
+PARTS = ("adherence", "p2p", "ti", "inversion", "refine", "reweight", "local_blend")
 # Self-attention injection keeps the source's structure, and on this model the background is part
 # of it: a background swap is a global edit, made without it (docs/shapes_runs.md, run 8's 40
 # background swaps: 30% succeed with the editor's 0.4, 62.5% with 0).
@@ -93,8 +109,14 @@ INVERSION_METHODS = ("ddim", "negative_prompt", "null_text")
 # An edited object is in the picture's place when its box's centre is this close (pixels): the
 # named positions are jittered by 3 px, and every shape fills its box, so a swap keeps the centre.
 POSITION_TOLERANCE = 3.0
+EDIT_SCENES = 100
+# Attention reweighting of the size word "large": its weights, from none to four times.
+REWEIGHTS = (0.0, 1.0, 2.0, 4.0)
+BACKGROUND_LEVELS = 10  # a background pixel has changed when a channel moves by more than this
+KEPT_IOU = 0.8  # an untouched object keeps its mask when source and edit overlap this much (IoU)
 # Base seeds of the studies; the data set was drawn with seed 0 (shapes_train.py).
 ADHERENCE_SEED, P2P_SEED, TI_SEED, INVERSION_SEED = 101, 202, 303, 404
+REFINE_SEED, REWEIGHT_SEED, BLEND_SEED = 505, 606, 707
 
 
 def load_cpu_model(model_id: str) -> StableDiffusionPipeline:
@@ -301,13 +323,25 @@ def psnr(image: np.ndarray, reference: np.ndarray) -> float:
 
 def one_object_scenes(n: int, seed: int) -> list[Scene]:
     """The first n one-object scenes of the data set stream `seed` (captions as the model was trained)."""
+    return scenes_of(n, seed, objects=1)
+
+
+def scenes_of(n: int, seed: int, objects: int) -> list[Scene]:
+    """The first n scenes with `objects` objects of the data set stream `seed`."""
     scenes, i = [], 0
     while len(scenes) < n:
         scene = sample_scene(scene_rng(seed, i))
-        if len(scene.objects) == 1:
+        if len(scene.objects) == objects:
             scenes.append(scene)
         i += 1
     return scenes
+
+
+def box_centre(mask: np.ndarray) -> tuple[float, float]:
+    """The (x, y) centre of a mask's bounding box, in the coordinates that render() draws in."""
+    rows, cols = np.nonzero(mask)
+    # Pixel (r, c) covers [c, c + 1).
+    return (cols.min() + cols.max() + 1) / 2, (rows.min() + rows.max() + 1) / 2
 
 
 def shape_swap(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
@@ -322,9 +356,7 @@ def keeps_all_but_the_shape(seen: Judgement, scene: Scene, shape: str) -> bool:
     main, obj = main_object(seen), scene.objects[0]
     if main is None:
         return False
-    rows, cols = np.nonzero(main.mask)
-    # Pixel (r, c) covers [c, c + 1): the box centre in the coordinates that render() draws in.
-    centre = ((cols.min() + cols.max() + 1) / 2, (rows.min() + rows.max() + 1) / 2)
+    centre = box_centre(main.mask)
     return (
         main.shape == shape
         and main.colour == obj.colour
@@ -419,10 +451,206 @@ def inversion_study(model: StableDiffusionPipeline, n: int, steps: int, inner_st
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two boolean masks (1 when both are empty)."""
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def keeps_all_but(seen: Judgement, source: Judgement, **changed: str) -> bool:
+    """Whether the judge reads the source's main object in `seen`, with the `changed` attributes
+    (size=..., shape=...) instead of the source's: colour, shape, size, background, and place (box
+    centre within POSITION_TOLERANCE)."""
+    main, before = main_object(seen), main_object(source)
+    if main is None or before is None:
+        return False
+    wanted = {key: changed.get(key, getattr(before, key)) for key in ("colour", "shape", "size")}
+    return (
+        all(getattr(main, key) == value for key, value in wanted.items())
+        and seen.background == source.background
+        and np.hypot(*np.subtract(box_centre(main.mask), box_centre(before.mask))) <= POSITION_TOLERANCE
     )
+
+
+def save_edit_figure(path: Path, images: list[np.ndarray], captions: list[str]) -> None:
+    """A row of 64 px images, each enlarged twice with its caption under it."""
+    tiles = [
+        ptp_utils.text_under_image(np.kron(image, np.ones((2, 2, 1), np.uint8)), caption)
+        for image, caption in zip(images, captions, strict=True)
+    ]
+    ptp_utils.view_images(tiles, save_path=path)
+
+
+def refine_study(model: StableDiffusionPipeline, n: int, steps: int, out: Path) -> dict:
+    """Refinement by a size word: "a red circle ..." to "a small red circle ..." and "a large ...",
+    with AttentionRefine and with plain regeneration of the targets from the same x_T."""
+    rows = []
+    for i, scene in enumerate(tqdm(scenes_of(n, REFINE_SEED, objects=1), desc="refine")):
+        obj = scene.objects[0]
+        source = make_caption([obj], scene.background, with_size=False)
+        targets = [make_caption([dataclasses.replace(obj, size=size)], scene.background) for size in SIZES]
+        prompts = [source, *targets]
+        controller = p2p.AttentionRefine(
+            prompts,
+            steps,
+            p2p.CROSS_REPLACE_STEPS,
+            p2p.SELF_REPLACE_STEPS,
+            tokenizer=model.tokenizer,
+            device=model.device,
+        )
+        generator = torch.Generator().manual_seed(REFINE_SEED + i)
+        (src, *edits), x_t = p2p.text2image_ldm(model, prompts, controller, steps, GUIDANCE, generator)
+        plains, _ = p2p.text2image_ldm(model, targets, p2p.EmptyControl(), steps, GUIDANCE, latent=x_t)
+        seen_src = judge(src)
+        for size, edit, plain in zip(SIZES, edits, plains, strict=True):
+            seen_edit, seen_plain = judge(edit), judge(plain)
+            rows.append(
+                dict(
+                    success=keeps_all_but(seen_edit, seen_src, size=size),
+                    plain_success=keeps_all_but(seen_plain, seen_src, size=size),
+                    iou=layout_iou(seen_src, seen_edit),
+                    plain_iou=layout_iou(seen_src, seen_plain),
+                )
+            )
+        if i < 6:
+            captions = [source] + [f"P2P: {t}" for t in targets] + [f"plain: {t}" for t in targets]
+            save_edit_figure(out / f"refine_{i:03d}.png", [src, *edits, *plains], captions)
+    return {
+        "refine_success": float(np.mean([r["success"] for r in rows])),
+        "plain_refine_success": float(np.mean([r["plain_success"] for r in rows])),
+        "refine_layout_iou": float(np.mean([r["iou"] for r in rows])),
+        "plain_refine_layout_iou": float(np.mean([r["plain_iou"] for r in rows])),
+        "refine_scenes": n,
+        "refine_edits": len(rows),
+    }
+
+
+def grows(areas: list[int]) -> bool:
+    """Whether the areas never shrink from one to the next, and the last is larger than the first."""
+    return all(b >= a for a, b in zip(areas, areas[1:])) and areas[-1] > areas[0]
+
+
+def reweight_study(model: StableDiffusionPipeline, n: int, steps: int, out: Path) -> dict:
+    """Attention reweighting of the size word of "a large red circle ...", alone (one prompt against
+    itself) at each weight of REWEIGHTS: the main object's area along the weights."""
+    areas_by_scene, large_by_weight = [], np.zeros(len(REWEIGHTS))
+    for i, scene in enumerate(tqdm(scenes_of(n, REWEIGHT_SEED, objects=1), desc="reweight")):
+        source = make_caption([dataclasses.replace(scene.objects[0], size="large")], scene.background)
+        prompts = [source] * (1 + len(REWEIGHTS))
+        controller = p2p.AttentionReweight(
+            prompts,
+            steps,
+            p2p.CROSS_REPLACE_STEPS,
+            p2p.SELF_REPLACE_STEPS,
+            equalizer=p2p.get_equalizer(source, "large", REWEIGHTS, model.tokenizer),
+            tokenizer=model.tokenizer,
+            device=model.device,
+        )
+        generator = torch.Generator().manual_seed(REWEIGHT_SEED + i)
+        (src, *edits), _ = p2p.text2image_ldm(model, prompts, controller, steps, GUIDANCE, generator)
+        mains = [main_object(judge(edit)) for edit in edits]
+        areas_by_scene.append([0 if main is None else int(main.mask.sum()) for main in mains])
+        large_by_weight += [main is not None and main.size == "large" for main in mains]
+        if i < 6:
+            captions = [source] + [f"large x{weight:g}" for weight in REWEIGHTS]
+            save_edit_figure(out / f"reweight_{i:03d}.png", [src, *edits], captions)
+    areas = np.array(areas_by_scene)
+    return {
+        "reweight_monotonic": float(np.mean([grows(list(a)) for a in areas_by_scene])),
+        "reweight_weights": list(REWEIGHTS),
+        "reweight_mean_area": [round(float(a), 1) for a in areas.mean(0)],
+        "reweight_judged_large": [float(x) for x in large_by_weight / n],
+        "reweight_scenes": n,
+    }
+
+
+def background_change(
+    source: np.ndarray, edit: np.ndarray, seen_source: Judgement, seen_edit: Judgement
+) -> float:
+    """The share of background pixels (outside both images' objects) that change by more than
+    BACKGROUND_LEVELS in any channel from source to edit."""
+    background = ~(objects_mask(seen_source) | objects_mask(seen_edit))
+    changed = (np.abs(source.astype(int) - edit.astype(int)) > BACKGROUND_LEVELS).any(-1)
+    return float(changed[background].mean()) if background.any() else 0.0
+
+
+def keeps_object(seen: Judgement, obj: JudgedObject) -> bool:
+    """Whether `seen` holds an object of obj's colour and shape whose mask overlaps obj's by KEPT_IOU."""
+    return any(
+        (o.colour, o.shape) == (obj.colour, obj.shape) and mask_iou(o.mask, obj.mask) >= KEPT_IOU
+        for o in seen.objects
+    )
+
+
+def local_blend_study(model: StableDiffusionPipeline, n: int, steps: int, out: Path) -> dict:
+    """Shape swaps of one object of two-object scenes, with Prompt-to-Prompt alone and with a LocalBlend
+    on the object's colour and shape words: the background's change, the other object kept, the swap.
+
+    Runs scenes until n sources show two objects (the other object is then the one not swapped); the
+    background change counts every scene run.
+    """
+    rows, kept, i = [], [], 0
+    progress = tqdm(total=n, desc="local blend")
+    while len(kept) < n:
+        scene = sample_scene(scene_rng(BLEND_SEED, i))
+        i += 1
+        if len(scene.objects) != 2:
+            continue
+        rng = np.random.default_rng([BLEND_SEED, i])
+        k = len(rows) % 2  # the swapped object: left and right in turn
+        obj = scene.objects[k]
+        new = str(rng.choice([s for s in SHAPES if s != obj.shape and (obj.colour, s) != HELD_OUT]))
+        objects = list(scene.objects)
+        source = make_caption(objects, scene.background)
+        objects[k] = dataclasses.replace(obj, shape=new)
+        target = make_caption(objects, scene.background)
+        # Word places, not words: the other object may share the colour or the shape.
+        first = len(make_caption(objects[:k], "", with_background=False).split()) + 1 if k else 0
+        words = [first + 2, first + 3]  # "a SIZE COLOUR SHAPE"
+        blends = {"p2p": None, "local_blend": p2p.LocalBlend([source, target], [words] * 2, model.tokenizer)}
+        images, x_t = {}, None
+        for name, blend in blends.items():
+            controller = p2p.AttentionReplace(
+                [source, target],
+                steps,
+                p2p.CROSS_REPLACE_STEPS,
+                p2p.SELF_REPLACE_STEPS,
+                local_blend=blend,
+                tokenizer=model.tokenizer,
+                device=model.device,
+            )
+            generator = torch.Generator().manual_seed(BLEND_SEED + len(rows))
+            (src, images[name]), x_t = p2p.text2image_ldm(
+                model, [source, target], controller, steps, GUIDANCE, generator, latent=x_t
+            )
+        seen_src = judge(src)
+        row = {}
+        for name, edit in images.items():
+            seen_edit = judge(edit)
+            row[f"{name}_background_change"] = background_change(src, edit, seen_src, seen_edit)
+            swapped = [o for o in seen_edit.objects if o.shape == new and o.colour == obj.colour]
+            row[f"{name}_swap_success"] = bool(swapped)
+            if len(seen_src.objects) == 2:
+                row[f"{name}_other_object_kept"] = keeps_object(seen_edit, seen_src.objects[1 - k])
+        rows.append(row)
+        if len(seen_src.objects) == 2:
+            kept.append(row)
+            progress.update()
+        if len(rows) <= 6:
+            captions = [source, f"P2P: {target}", f"local blend: {target}"]
+            save_edit_figure(out / f"local_blend_{len(rows) - 1:03d}.png", [src, *images.values()], captions)
+    progress.close()
+    report = {}
+    for name in ("local_blend", "p2p"):
+        report[f"{name}_background_change"] = float(np.mean([r[f"{name}_background_change"] for r in rows]))
+        report[f"{name}_other_object_kept"] = float(np.mean([r[f"{name}_other_object_kept"] for r in kept]))
+        report[f"{name}_swap_success"] = float(np.mean([r[f"{name}_swap_success"] for r in rows]))
+    report |= {"local_blend_scenes": len(rows), "local_blend_two_object_sources": len(kept)}
+    return report
+
+
+def main() -> None:
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--model", default="shapes", help="the shipped model's short name, or a pipeline folder"
     )
@@ -437,7 +665,19 @@ def main() -> None:
         "--ti-every", type=int, default=0, help="also judge textual inversion every N of its steps"
     )
     parser.add_argument("--ti-vectors", type=int, default=TI_VECTORS, help="vectors of the learned word")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="default: all")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="the studies to run")
+    parser.add_argument(
+        "--edit-scenes",
+        type=cli.positive_int,
+        default=EDIT_SCENES,
+        help="scenes of each of refine, reweight and local_blend",
+    )
+    parser.add_argument(
+        "--edit-steps",
+        type=cli.positive_int,
+        default=STEPS,
+        help="DDIM steps of refine, reweight and local_blend",
+    )
     parser.add_argument("--swaps", nargs="+", choices=SWAPS, default=SWAPS, help="word swaps of these kinds")
     parser.add_argument(
         "--background-self-replace",
@@ -484,6 +724,12 @@ def main() -> None:
             args.inner_steps,
             figures,
         )
+    edit_studies = {"refine": refine_study, "reweight": reweight_study, "local_blend": local_blend_study}
+    for part, study in edit_studies.items():
+        if part in args.parts:
+            report |= study(model, 2 if args.quick else args.edit_scenes, args.edit_steps, figures)
+            report[f"{part}_steps"] = args.edit_steps
+            print(f"{part}:", json.dumps(report), flush=True)
     report["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

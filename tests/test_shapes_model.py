@@ -14,7 +14,7 @@ import shapes_train
 import shapes_world as sw
 
 MAX_FOLDER_BYTES = 25 * 10**6
-STEPS = 20  # "a few steps": adherence is measured at 50 (docs/shapes_world.md), this checks the model draws at all
+STEPS = 20  # adherence is measured at 50 steps (docs/shapes_world.md); this checks the model draws at all
 SEEDS = 4
 
 
@@ -88,8 +88,8 @@ def test_the_caption_not_the_noise_decides_the_background(shapes, background):
 
 
 def test_prompt_to_prompt_swaps_the_colour_and_keeps_the_place_better_than_regeneration(shapes):
-    # A colour swap: where P2P's layout lead is largest (docs/shapes_runs.md, run 14: IoU 0.59 against 0.39 over
-    # 40 seeds; 0.41 against 0.31 for shape swaps, too close to show in 4 seeds).
+    # A colour swap: where P2P's layout lead is largest (docs/shapes_runs.md, run 14: IoU 0.59 against
+    # 0.39 over 40 seeds; 0.41 against 0.31 for shape swaps, too close to show in 4 seeds).
     source, target = "a large yellow star", "a large red star"
     steps = (p2p.CROSS_REPLACE_STEPS, p2p.SELF_REPLACE_STEPS)  # the editor's defaults
     edited, p2p_iou, plain_iou = [], [], []
