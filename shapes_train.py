@@ -245,8 +245,7 @@ def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float) -> torc
     Both terms are summed over each image, as in Stable Diffusion's autoencoder. The KL weight
     sets how much noise the posterior carries, and so how far off a latent may be before the
     decoder draws another picture (bench/shapes_autoencoder.py; docs/shapes_world.md, "Training"): at
-    SD's 1e-6
-    the decoder misreads over half the objects once the latent is off by 0.2 of its spread, well
+    SD's 1e-6 the decoder misreads over half the objects once the latent is off by 0.2 of its spread, well
     within a small diffusion model's error; at 1e-3, the default, it still reads 89% right there
     (with it and a diffusion learning rate of 1e-3, a full run's adherence rose from 14% to 24%);
     with the error averaged over pixels (a KL weight 12,288 times larger) three of the four
