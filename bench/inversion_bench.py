@@ -29,13 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cli  # noqa: E402  (before prompt2prompt: it quiets the libraries that imports)
 
-from p2p_bench import proc_status_bytes  # noqa: E402
-
 import prompt2prompt as p2p  # noqa: E402
 
 METHODS = ("ddim", "negative_prompt", "null_text")
 WARM_UP_STEPS = 2
 GB = 2**30
+
+
+def peak_resident_bytes() -> int:
+    """Linux: the process's peak resident size since the last reset through /proc/self/clear_refs."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("/proc/self/status has no VmHWM line: the peak resident size needs Linux")
 
 
 def invert(model, method: str, image: np.ndarray, steps: int, inner_steps: int) -> None:
@@ -51,12 +57,17 @@ def invert(model, method: str, image: np.ndarray, steps: int, inner_steps: int) 
 def main() -> None:
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="sd1-random", help="hub id, local folder or an offline short name")
-    parser.add_argument("--size", type=int, default=512, help="picture height and width in pixels")
-    parser.add_argument("--steps", type=int, default=p2p.NUM_DIFFUSION_STEPS, help="DDIM steps")
     parser.add_argument(
-        "--inner-steps", type=int, default=p2p.NUM_INNER_STEPS, help="null-text optimisation steps per step"
+        "--size", type=cli.positive_int, default=512, help="picture height and width in pixels"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of every method")
+    parser.add_argument("--steps", type=cli.positive_int, default=p2p.NUM_DIFFUSION_STEPS, help="DDIM steps")
+    parser.add_argument(
+        "--inner-steps",
+        type=cli.positive_int,
+        default=p2p.NUM_INNER_STEPS,
+        help="null-text optimisation steps per step",
+    )
+    parser.add_argument("--repeats", type=cli.positive_int, default=3, help="timed rounds of every method")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
         "--dtype",
@@ -91,7 +102,7 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
             seconds[method].append(time.perf_counter() - started)
-            used = torch.cuda.max_memory_allocated() if cuda else proc_status_bytes("VmHWM")
+            used = torch.cuda.max_memory_allocated() if cuda else peak_resident_bytes()
             peak[method] = max(peak[method], used)
 
     device = torch.cuda.get_device_name() if cuda else "cpu"
