@@ -1,4 +1,4 @@
-"""Issue 5's figures for the shipped Shapes World model, read by the judge of shapes_world.py.
+"""The measured figures of the shipped Shapes World model, read by the judge of shapes_world.py.
 
   adherence         200 random captions of the training vocabulary (50 DDIM steps, guidance 7.5):
                     the share of captioned objects whose colour and shape the judge finds
