@@ -37,7 +37,7 @@ import seq_aligner
 from ptp_utils import GUIDANCE_SCALE, NUM_DIFFUSION_STEPS
 
 if TYPE_CHECKING:  # loaded with the model (ptp_utils.load_pipeline): `import prompt2prompt` stays fast
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import PreTrainedTokenizerBase
 
 DEFAULT_MODEL_ID = ptp_utils.DEFAULT_MODEL_ID
@@ -61,11 +61,12 @@ def load_model(
     model_id: str = DEFAULT_MODEL_ID,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-) -> StableDiffusionPipeline:
-    """Load Stable Diffusion (the assignment's model): fp16 on CUDA, fp32 on CPU.
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Load Stable Diffusion (the assignment's model; 1.x, 2.x or SDXL): fp16 on CUDA, fp32 on CPU.
 
     `model_id` is a hub id, a local pipeline folder, or an offline short name
-    (`ptp_utils.OFFLINE_MODELS`). The safety checker stays as the pipeline ships it.
+    (`ptp_utils.OFFLINE_MODELS`); the pipeline class is the one its model_index.json names.
+    The safety checker stays as the pipeline ships it.
     """
     return ptp_utils.load_pipeline(model_id, device, dtype)
 
