@@ -501,9 +501,53 @@ class AttentionReweight(AttentionControlEdit):
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_text(model: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    """CLIP text embeddings (len(prompts), 77, dim); a prompt longer than 77 tokens is an error."""
+def encode_text(
+    model: StableDiffusionPipeline | StableDiffusionXLPipeline, prompts: list[str]
+) -> torch.Tensor:
+    """Text embeddings (len(prompts), 77, dim): CLIP's on SD 1.x and 2.x; on SDXL both text encoders'
+    hidden states concatenated, as its pipeline builds them. A prompt longer than 77 tokens is an error."""
+    if ptp_utils.is_sdxl(model):
+        return encode_conditions(model, prompts, None, guidance=False)[0]
     return model.text_encoder(ptp_utils.tokenize_prompts(model.tokenizer, prompts).to(model.device))[0]
+
+
+def encode_conditions(
+    model: StableDiffusionPipeline | StableDiffusionXLPipeline,
+    prompts: list[str],
+    negative_prompt: list[str] | None,
+    height: int | None = None,
+    width: int | None = None,
+    guidance: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """What the UNet is conditioned on, for the batch [unconditional branch; prompts] (the prompts
+    alone without `guidance`): text embeddings, and SDXL's added conditions (None on SD 1.x, 2.x).
+
+    The unconditional branch reads `negative_prompt`, or else the empty prompt; SDXL's, zeros where
+    its config says force_zeros_for_empty_prompt. SDXL's added conditions are the pooled embedding of
+    its second text encoder and the time ids (original size, crop corner, target size), from its
+    pipeline's own `encode_prompt` and `_get_add_time_ids`. A prompt over 77 tokens is an error.
+    """
+    if not ptp_utils.is_sdxl(model):
+        cond_embeddings = encode_text(model, prompts)
+        if not guidance:
+            return cond_embeddings, None
+        return torch.cat([encode_text(model, negative_prompt or [""] * len(prompts)), cond_embeddings]), None
+    for tokenizer in (model.tokenizer, model.tokenizer_2):
+        ptp_utils.tokenize_prompts(tokenizer, prompts + (negative_prompt or []))  # the length check
+    embeddings, negative_embeddings, pooled, negative_pooled = model.encode_prompt(
+        prompts, device=model.device, do_classifier_free_guidance=guidance, negative_prompt=negative_prompt
+    )
+    size = (
+        height or model.unet.config.sample_size * model.vae_scale_factor,
+        width or model.unet.config.sample_size * model.vae_scale_factor,
+    )
+    time_ids = model._get_add_time_ids(
+        size, (0, 0), size, embeddings.dtype, model.text_encoder_2.config.projection_dim
+    ).to(model.device)
+    if guidance:
+        embeddings = torch.cat([negative_embeddings, embeddings])
+        pooled = torch.cat([negative_pooled, pooled])
+    return embeddings, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(embeddings), 1)}
 
 
 @torch.no_grad()
@@ -526,7 +570,9 @@ def text2image_ldm(
     The manual denoising loop of the assignment, with whichever diffusers scheduler the pipeline
     carries. A negative prompt replaces the empty prompt of the unconditional branch;
     `uncond_embeddings` (one (1, 77, dim) embedding per step, from an inversion of a real image)
-    replace it step by step, the same for every prompt. Returns (uint8 images of shape
+    replace it step by step, the same for every prompt (on SDXL, its text embeddings: the pooled
+    embedding stays the negative prompt's). SD 1.x, 2.x and SDXL alike: with EmptyControl the
+    images are those of the model's own diffusers pipeline. Returns (uint8 images of shape
     (B, H, W, 3), x_T).
     """
     prompt = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -546,13 +592,13 @@ def text2image_ldm(
             f"uncond_embeddings holds {len(uncond_embeddings)} embeddings but num_inference_steps is "
             f"{num_inference_steps}: pass one per step (invert with as many steps as the edit takes)."
         )
-    if negative_prompt is None or isinstance(negative_prompt, str):
-        negative_prompt = [negative_prompt or ""] * len(prompt)
+    if isinstance(negative_prompt, str):
+        negative_prompt = [negative_prompt] * len(prompt)
     height = height or model.unet.config.sample_size * model.vae_scale_factor
     width = width or model.unet.config.sample_size * model.vae_scale_factor
 
-    cond_embeddings = encode_text(model, prompt)
-    context = torch.cat([encode_text(model, negative_prompt), cond_embeddings])
+    context, added_cond_kwargs = encode_conditions(model, prompt, negative_prompt, height, width)
+    cond_embeddings = context[len(prompt) :]
     latent, latents = ptp_utils.init_latent(latent, model, height, width, generator, len(prompt))
     model.scheduler.set_timesteps(num_inference_steps, device=model.device)
     latents = latents * model.scheduler.init_noise_sigma
@@ -565,10 +611,24 @@ def text2image_ldm(
                 null = uncond_embeddings[i].to(cond_embeddings).expand(len(prompt), -1, -1)
                 context = torch.cat([null, cond_embeddings])
             latents = ptp_utils.diffusion_step(
-                model, controller, latents, context, t, guidance_scale, low_resource, generator
+                model,
+                controller,
+                latents,
+                context,
+                t,
+                guidance_scale,
+                low_resource,
+                generator,
+                added_cond_kwargs,
             )
-    images = ptp_utils.latent2image(model.vae, latents)
-    if model.safety_checker is not None:
+    # SDXL's VAE overflows in fp16: its pipeline decodes in fp32 where the config says force_upcast.
+    upcast = ptp_utils.is_sdxl(model) and model.vae.dtype == torch.float16 and model.vae.config.force_upcast
+    if upcast:
+        model.vae.to(torch.float32)
+    images = ptp_utils.latent2image(model.vae, latents.to(model.vae.dtype))
+    if upcast:
+        model.vae.to(torch.float16)
+    if getattr(model, "safety_checker", None) is not None:
         checked, _ = model.run_safety_checker(images / 255.0, model.device, context.dtype)
         images = (checked * 255).round().astype(np.uint8)
     return images, latent
@@ -693,11 +753,13 @@ def ddim_inversion(
     # DDIMInverseScheduler would read a v or x_0 prediction at the level of the latent it steps from.
     inverse = DDIMInverseScheduler.from_config(model.scheduler.config, prediction_type="epsilon")
     inverse.set_timesteps(num_inference_steps, device=model.device)
-    cond_embeddings = encode_text(model, [prompt])
+    cond_embeddings, added_cond_kwargs = encode_conditions(model, [prompt], None, guidance=False)
     latent = image2latent(model, image)
     latents = [latent]
     for t in model.progress_bar(inverse.timesteps):
-        model_output = model.unet(latent, t, encoder_hidden_states=cond_embeddings).sample
+        model_output = model.unet(
+            latent, t, encoder_hidden_states=cond_embeddings, added_cond_kwargs=added_cond_kwargs
+        ).sample
         latent = inverse.step(predicted_noise(model, model_output, t, latent), t, latent).prev_sample
         # The UNet may answer in channels-last layout; an edit from x_T rounds differently per layout,
         # and must not change when x_T is saved and loaded (contiguous).
@@ -737,8 +799,9 @@ class NullInversion:
         model, dtype = self.model, self.model.unet.dtype
         pivots = ddim_inversion(model, image, prompt, self.num_ddim_steps)
         with torch.no_grad():
-            cond_embeddings = encode_text(model, [prompt])
-            null = encode_text(model, [""]).float()
+            context, added_cond_kwargs = encode_conditions(model, [prompt], None)
+        null, cond_embeddings = context[:1].float(), context[1:]
+        added_uncond, added_cond = ptp_utils.guidance_halves(added_cond_kwargs)
         model.scheduler.set_timesteps(self.num_ddim_steps, device=model.device)
         # fp16 gradients of a loss this small underflow: scale the loss up, the gradient back down.
         scaler = torch.amp.GradScaler(model.device.type, enabled=dtype == torch.float16)
@@ -747,11 +810,15 @@ class NullInversion:
         for i, t in enumerate(model.progress_bar(model.scheduler.timesteps)):
             target = pivots[-2 - i].float()
             with torch.no_grad():
-                noise_pred_cond = model.unet(latent, t, encoder_hidden_states=cond_embeddings).sample
+                noise_pred_cond = model.unet(
+                    latent, t, encoder_hidden_states=cond_embeddings, added_cond_kwargs=added_cond
+                ).sample
             null = null.detach().clone().requires_grad_(True)  # a new leaf: the stored ones stay as they are
             optimizer = torch.optim.Adam([null], lr=NULL_TEXT_LEARNING_RATE * (1 - i / 100))
             for _ in range(num_inner_steps):
-                noise_pred_uncond = model.unet(latent, t, encoder_hidden_states=null.to(dtype)).sample
+                noise_pred_uncond = model.unet(
+                    latent, t, encoder_hidden_states=null.to(dtype), added_cond_kwargs=added_uncond
+                ).sample
                 noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_cond - noise_pred_uncond)
                 latent_prev = model.scheduler.step(noise_pred.float(), t, latent.float()).prev_sample
                 loss = F.mse_loss(latent_prev, target)
@@ -767,7 +834,13 @@ class NullInversion:
             with torch.no_grad():
                 context = torch.cat([null.to(dtype), cond_embeddings])
                 latent = ptp_utils.diffusion_step(
-                    model, EmptyControl(), latent, context, t, self.guidance_scale
+                    model,
+                    EmptyControl(),
+                    latent,
+                    context,
+                    t,
+                    self.guidance_scale,
+                    added_cond_kwargs=added_cond_kwargs,
                 )
         return pivots[-1], uncond_embeddings
 

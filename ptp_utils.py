@@ -637,7 +637,7 @@ def register_attention_control(
 
 
 def diffusion_step(
-    model: StableDiffusionPipeline,
+    model: StableDiffusionPipeline | StableDiffusionXLPipeline,
     controller: AttentionControl,
     latents: torch.Tensor,
     context: torch.Tensor,
@@ -645,28 +645,46 @@ def diffusion_step(
     guidance_scale: float,
     low_resource: bool = False,
     generator: torch.Generator | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One denoising step with classifier-free guidance: z_t -> z_{t-1}.
 
-    `context` holds the unconditional embeddings followed by the prompts' embeddings. With
-    `low_resource` the two halves go through the UNet one after the other, halving peak memory.
-    `generator` feeds schedulers that add noise at each step (ancestral samplers).
+    `context` holds the unconditional embeddings followed by the prompts' embeddings, and so do
+    the values of `added_cond_kwargs` (SDXL's pooled text embeddings and time ids; None for SD 1.x
+    and 2.x). With `low_resource` the two halves go through the UNet one after the other, halving
+    peak memory. `generator` feeds schedulers that add noise at each step (ancestral samplers).
     """
     latent_input = model.scheduler.scale_model_input(torch.cat([latents] * 2), t)
     if low_resource:
         noise_pred = torch.cat(
             [
-                model.unet(half_input, t, encoder_hidden_states=half_context).sample
-                for half_input, half_context in zip(latent_input.chunk(2), context.chunk(2))
+                model.unet(
+                    half_input, t, encoder_hidden_states=half_context, added_cond_kwargs=half_added
+                ).sample
+                for half_input, half_context, half_added in zip(
+                    latent_input.chunk(2), context.chunk(2), guidance_halves(added_cond_kwargs)
+                )
             ]
         )
     else:
-        noise_pred = model.unet(latent_input, t, encoder_hidden_states=context).sample
+        noise_pred = model.unet(
+            latent_input, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs
+        ).sample
     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
     noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
     step_kwargs = model.prepare_extra_step_kwargs(generator, eta=0.0)
     latents = model.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
     return controller.step_callback(latents)
+
+
+def guidance_halves(
+    added_cond_kwargs: dict[str, torch.Tensor] | None,
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """The added conditions (SDXL's) of the unconditional and of the prompts' half of the batch."""
+    if added_cond_kwargs is None:
+        return None, None
+    uncond, cond = ({name: value.chunk(2)[i] for name, value in added_cond_kwargs.items()} for i in (0, 1))
+    return uncond, cond
 
 
 @torch.no_grad()
