@@ -621,7 +621,9 @@ def test_unreachable_model_says_what_failed_and_the_ways_out(tmp_path):
     what, ways_out = str(error.value).splitlines()
     assert what.startswith("Could not load the model 'no-such-user/no-such-model': it is not a local folder")
     assert ways_out.startswith("Ways out: `hf download no-such-user/no-such-model` where there is internet")
-    assert "a local pipeline folder" in ways_out and ways_out.endswith("'tiny', 'sd1-random', 'shapes'.")
+    assert "a local pipeline folder" in ways_out and ways_out.endswith(
+        "'shapes', 'sd2-tiny', 'sdxl-tiny', 'sdxl-random'."
+    )
     with pytest.raises(
         OSError, match="the folder holds no diffusers pipeline .no model_index.json."
     ) as error:
