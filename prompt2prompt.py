@@ -49,10 +49,13 @@ TARGET_PROMPT = "photo of a cat riding on a motorcycle."
 # The Shapes World model (models/shapes) knows only its captions' words: its demo edit uses them.
 SHAPES_SOURCE_PROMPT = "a large red circle on a black background"
 SHAPES_TARGET_PROMPT = "a large red star on a black background"
-# The paper stores and blends attention maps of at most 32x32 queries, and replaces
-# self-attention only in layers of at most 16x16 queries (the coarse layout).
-MAX_STORED_QUERIES = 32**2
-MAX_SELF_REPLACE_QUERIES = 16**2
+# The paper stores and blends attention maps of at most 32x32 queries, and replaces self-attention
+# only in layers of at most 16x16 queries (the coarse layout), of SD 1.x's 64x64 latent (512 px): the
+# latent's side divided by 2 and by 4. Relative to the latent, the rules pick the same UNet levels on
+# every model and size: SDXL at 1024 px (128x128 latent) stores its 64x64 and 32x32 maps and replaces
+# self-attention at 32x32; SD 2.x at 768 px (96x96) stores 48x48 to 12x12 and replaces at 24x24 and 12x12.
+STORED_MAPS_DOWNSAMPLING = 2
+SELF_REPLACE_DOWNSAMPLING = 4
 LOCAL_BLEND_THRESHOLD = 0.3
 LOCAL_BLEND_START = 0.2  # the share of the steps before local blending starts
 
@@ -86,12 +89,19 @@ class AttentionControl(abc.ABC):
     def __init__(self):
         self.num_att_layers = -1  # set by ptp_utils.register_attention_control
         self.low_resource = False  # set by text2image_ldm
+        self.latent_size = None  # (height, width), set by text2image_ldm: the resolution rules follow it
         self.reset()
 
     def reset(self) -> None:
         """Back to step 0, layer 0: before every new generation."""
         self.cur_step = 0
         self.cur_att_layer = 0
+
+    def max_queries(self, downsampling: int) -> int:
+        """Queries of the UNet's attention maps at the latent's size divided by `downsampling` (a power
+        of 2): the layers of at most this many queries are those of that level and coarser ones."""
+        height, width = self.latent_size
+        return -(-height // downsampling) * -(-width // downsampling)  # the UNet's strides round up
 
     @property
     def num_uncond_att_layers(self) -> int:
@@ -136,7 +146,8 @@ class EmptyControl(AttentionControl):
 
 
 class AttentionStore(AttentionControl):
-    """Sum the attention maps (of at most 32x32 queries) over steps, per place and kind, for figures."""
+    """Sum the attention maps (of at most the latent's side / 2 squared queries: 32x32 on SD 1.x at
+    512 px) over steps, per place and kind, for figures."""
 
     def __init__(self):
         super().__init__()
@@ -153,13 +164,12 @@ class AttentionStore(AttentionControl):
         self.attention_store = {}
 
     def needs_attention(self, is_cross: bool, place_in_unet: str, num_queries: int) -> bool:
-        return (
-            super().needs_attention(is_cross, place_in_unet, num_queries)
-            and num_queries <= MAX_STORED_QUERIES
-        )
+        return super().needs_attention(
+            is_cross, place_in_unet, num_queries
+        ) and num_queries <= self.max_queries(STORED_MAPS_DOWNSAMPLING)
 
     def forward(self, attn: torch.Tensor, is_cross: bool, place_in_unet: str) -> torch.Tensor:
-        if attn.shape[1] <= MAX_STORED_QUERIES:
+        if attn.shape[1] <= self.max_queries(STORED_MAPS_DOWNSAMPLING):
             self.step_store[f"{place_in_unet}_{'cross' if is_cross else 'self'}"].append(
                 attn.detach().clone()
             )
@@ -277,7 +287,8 @@ class LocalBlend:
 
 class AttentionControlEdit(AttentionStore, abc.ABC):
     """Inject the source's attention into the targets: cross-attention through `replace_cross_attention`
-    for a share of the steps (per word if asked), self-attention (layers of <= 16x16 queries) for another.
+    for a share of the steps (per word if asked), self-attention (layers at the latent's side / 4 and
+    coarser: 16x16 and 8x8 on SD 1.x at 512 px) for another.
 
     Prompt 0 is the source; prompts 1.. are targets.
     """
@@ -342,13 +353,17 @@ class AttentionControlEdit(AttentionStore, abc.ABC):
         if not AttentionControl.needs_attention(self, is_cross, place_in_unet, num_queries):
             return False
         if is_cross:
-            stores = self.local_blend is not None and num_queries <= MAX_STORED_QUERIES
+            stores = self.local_blend is not None and num_queries <= self.max_queries(
+                STORED_MAPS_DOWNSAMPLING
+            )
             return stores or self.replaces_cross_attention_now()
-        return self.replaces_self_attention_now() and num_queries <= MAX_SELF_REPLACE_QUERIES
+        return self.replaces_self_attention_now() and num_queries <= self.max_queries(
+            SELF_REPLACE_DOWNSAMPLING
+        )
 
     def replace_self_attention(self, attn_base: torch.Tensor, att_replace: torch.Tensor) -> torch.Tensor:
         """Self-attention injection: every prompt takes the source's maps, at the layers small enough."""
-        if att_replace.shape[2] <= MAX_SELF_REPLACE_QUERIES:
+        if att_replace.shape[2] <= self.max_queries(SELF_REPLACE_DOWNSAMPLING):
             return attn_base.unsqueeze(0).expand(att_replace.shape[0], *attn_base.shape)
         return att_replace
 
@@ -604,6 +619,7 @@ def text2image_ldm(
     latents = latents * model.scheduler.init_noise_sigma
     controller.reset()
     controller.low_resource = low_resource
+    controller.latent_size = tuple(latents.shape[2:])
     with ptp_utils.register_attention_control(model, controller):
         for i, t in enumerate(model.progress_bar(model.scheduler.timesteps)):
             if uncond_embeddings is not None:

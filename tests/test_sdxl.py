@@ -6,6 +6,7 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.models.attention_processor import Attention
 
 import prompt2prompt as p2p
 import ptp_utils
@@ -128,3 +129,132 @@ def test_sdxl_prompt_over_77_tokens_is_refused(sdxl_pipe):
         generate(sdxl_pipe, ["a cat " * 40, "a dog"])
     with pytest.raises(ValueError, match="more than the 77"):
         generate(sdxl_pipe, PROMPTS, negative_prompt="blurry " * 80)
+
+
+@pytest.mark.parametrize(
+    "latent_side, sides, stored_sides, self_replaced_sides",
+    [
+        # SD 1.x at 512 px: the paper's 32x32 and 16x16 limits.
+        (64, [64, 32, 16, 8], [32, 16, 8], [16, 8]),
+        (96, [96, 48, 24, 12], [48, 24, 12], [24, 12]),  # SD 2.x at 768 px
+        (128, [64, 32], [64, 32], [32]),  # SDXL at 1024 px: no attention at the latent's own size
+    ],
+)
+def test_resolution_rules_follow_the_latent(tokenizer, latent_side, sides, stored_sides, self_replaced_sides):
+    store = p2p.AttentionStore()
+    edit = p2p.AttentionReplace(PROMPTS[:1] * 2, STEPS, 0.0, 1.0, tokenizer=tokenizer)
+    for controller in (store, edit):
+        controller.latent_size = (latent_side, latent_side)
+    assert [side for side in sides if store.needs_attention(True, "up", side**2)] == stored_sides
+    assert [side for side in sides if edit.needs_attention(False, "up", side**2)] == self_replaced_sides
+
+
+def make_edit(kind, pipe, prompts, cross=0.8, self_=0.4, local_blend=None, scale=1.0):
+    settings = dict(
+        prompts=prompts,
+        num_steps=STEPS,
+        cross_replace_steps=cross,
+        self_replace_steps=self_,
+        local_blend=local_blend,
+        tokenizer=pipe.tokenizer,
+    )
+    if kind == "reweight":
+        equalizer = p2p.get_equalizer(prompts[1], "cat", [scale], pipe.tokenizer)
+        return p2p.AttentionReweight(equalizer=equalizer, **settings)
+    return {"replace": p2p.AttentionReplace, "refine": p2p.AttentionRefine}[kind](**settings)
+
+
+EDIT_KINDS = ["replace", "refine", "reweight", "blend"]
+
+
+def edit_controller(kind, pipe, prompts, cross=0.8, self_=0.4, scale=1.0):
+    if kind == "blend":
+        blend = p2p.LocalBlend(prompts, ["cat", "cat"], pipe.tokenizer)
+        return make_edit("replace", pipe, prompts, cross, self_, local_blend=blend)
+    return make_edit(kind, pipe, prompts, cross, self_, scale=scale)
+
+
+@pytest.mark.parametrize("kind", EDIT_KINDS)
+def test_identical_prompts_give_identical_images(pipe, kind):
+    prompts = [PROMPTS[0]] * 2
+    images = generate(pipe, prompts, edit_controller(kind, pipe, prompts))
+    assert np.array_equal(images[0], images[1])
+    assert_images_close(images[:1], generate(pipe, prompts[:1]))
+
+
+@pytest.mark.parametrize("kind", ["replace", "refine", "reweight"])
+def test_zero_injection_steps_is_plain_generation(pipe, kind):
+    prompts = (
+        [PROMPTS[0], "a cat riding a motorcycle"]
+        if kind != "refine"
+        else [PROMPTS[0], "a big cat riding a bicycle"]
+    )
+    # Reweighting scales the injected maps: none injected, none scaled.
+    controller = edit_controller(kind, pipe, prompts, cross=0.0, self_=0.0, scale=3.0)
+    assert_images_close(generate(pipe, prompts, controller), generate(pipe, prompts))
+
+
+def test_controller_counts_every_layer_and_step_and_processors_are_restored(pipe):
+    original = pipe.unet.attn_processors
+    controller = edit_controller("blend", pipe, [PROMPTS[0], "a cat riding a motorcycle"])
+    generate(pipe, controller.prompts, controller, low_resource=True)
+    assert controller.num_att_layers == len(original)
+    assert (controller.cur_step, controller.cur_att_layer) == (STEPS, 0)
+    assert pipe.unet.attn_processors == original
+
+
+@pytest.mark.parametrize(
+    "family, num_layers, num_self_replaced",
+    [
+        ("sd2", 2 * 10, 4),  # 3 + 1 + 6 transformer blocks; 4x4: down 1, mid 1, up 2
+        ("sdxl", 2 * 11, 8),  # 3 + 2 + 6 transformer blocks; 4x4: down 2, mid 2, up 4
+    ],
+)
+def test_self_attention_is_replaced_at_the_coarse_levels(
+    request, monkeypatch, family, num_layers, num_self_replaced
+):
+    pipe = request.getfixturevalue(f"{family}_pipe")
+    calls = []
+    original = Attention.get_attention_scores
+
+    def counting(self, query, key, mask=None):
+        calls.append(key.shape[1] == 77)
+        return original(self, query, key, mask)
+
+    monkeypatch.setattr(Attention, "get_attention_scores", counting)
+    prompts = [PROMPTS[0], "a cat riding a motorcycle"]
+    controller = make_edit("replace", pipe, prompts, cross=0.0, self_=1 / STEPS)  # self-attention, step 0
+    generate(pipe, prompts, controller)
+    assert controller.num_att_layers == num_layers
+    assert calls == [False] * num_self_replaced
+
+
+def test_attention_store_and_figure_at_half_the_latents_side(pipe, tmp_path):
+    store = p2p.AttentionStore()
+    images = generate(pipe, PROMPTS[:1], store)
+    maps = ptp_utils.aggregate_attention(store, PROMPTS[:1], 8, ["down", "mid", "up"], True, 0)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(8, 8))
+    ptp_utils.show_cross_attention(
+        store, PROMPTS[:1], pipe.tokenizer, 4, ["down", "up"], image=images[0], save_path=tmp_path / "a.png"
+    )
+    with pytest.raises(ValueError, match=r"stored resolutions: \[4, 8\]"):
+        ptp_utils.aggregate_attention(store, PROMPTS[:1], 16, ["down"], True, 0)
+
+
+def test_null_text_and_negative_prompt_inversion_run(pipe):
+    picture = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    prompt = PROMPTS[0]
+    x_t, null_embeddings = p2p.NullInversion(pipe, STEPS).invert(picture, prompt, num_inner_steps=2)
+    with torch.no_grad():
+        context, _ = p2p.encode_conditions(pipe, [prompt], None)
+    assert len(null_embeddings) == STEPS and null_embeddings[0].shape == context[:1].shape
+    assert not torch.equal(null_embeddings[0], context[:1].float())  # optimised
+    x_t_negative, negative_embeddings = p2p.negative_prompt_inversion(pipe, picture, prompt, STEPS)
+    torch.testing.assert_close(x_t_negative, x_t)  # the same DDIM inversion
+    for uncond_embeddings in (null_embeddings, negative_embeddings):
+        prompts = [prompt, "a cat riding a motorcycle"]
+        controller = make_edit("replace", pipe, prompts)
+        images, _ = p2p.text2image_ldm(
+            pipe, prompts, controller, STEPS, latent=x_t, uncond_embeddings=uncond_embeddings
+        )
+        assert images.shape == (2, 32, 32, 3)
