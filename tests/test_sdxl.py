@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import init_empty_weights
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import Attention
 
 import prompt2prompt as p2p
@@ -258,3 +258,36 @@ def test_null_text_and_negative_prompt_inversion_run(pipe):
             pipe, prompts, controller, STEPS, latent=x_t, uncond_embeddings=uncond_embeddings
         )
         assert images.shape == (2, 32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    "family, folder_name, pipeline_class",
+    [
+        # Folder names that say the other family: the class comes from model_index.json alone.
+        ("sd2", "stable-diffusion-xl-base-1.0", StableDiffusionPipeline),
+        ("sdxl", "stable-diffusion-v1-5", StableDiffusionXLPipeline),
+    ],
+)
+def test_a_saved_pipeline_loads_by_path_as_a_hub_id_does(
+    request, monkeypatch, tmp_path, family, folder_name, pipeline_class
+):
+    pipe = request.getfixturevalue(f"{family}_pipe")
+    pipe.save_pretrained(tmp_path / folder_name)
+    read_configs = []
+    load_config = DiffusionPipeline.load_config
+
+    def spying(model_id, *args, **kwargs):
+        read_configs.append(str(model_id))
+        return load_config(model_id, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", spying)
+    loaded = p2p.load_model(str(tmp_path / folder_name), device="cpu")
+    with pytest.raises(OSError, match="not in the Hugging Face cache"):
+        p2p.load_model("no-such-user/no-such-model", device="cpu")
+    # One path for both: the pipeline's model_index.json, read by diffusers for a folder or a hub id.
+    assert list(dict.fromkeys(read_configs)) == [str(tmp_path / folder_name), "no-such-user/no-such-model"]
+    assert type(loaded) is pipeline_class
+    assert loaded.scheduler.config.prediction_type == pipe.scheduler.config.prediction_type
+    assert loaded.tokenizer.pad_token == pipe.tokenizer.pad_token
+    loaded.set_progress_bar_config(disable=True)
+    assert np.array_equal(generate(loaded, PROMPTS), generate(pipe, PROMPTS))
