@@ -100,6 +100,11 @@ class AttentionControl(abc.ABC):
     def max_queries(self, downsampling: int) -> int:
         """Queries of the UNet's attention maps at the latent's size divided by `downsampling` (a power
         of 2): the layers of at most this many queries are those of that level and coarser ones."""
+        if self.latent_size is None:
+            raise ValueError(
+                "The controller does not know the latent's size: set controller.latent_size = "
+                "latents.shape[2:] before denoising (text2image_ldm does)."
+            )
         height, width = self.latent_size
         return -(-height // downsampling) * -(-width // downsampling)  # the UNet's strides round up
 

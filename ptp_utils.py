@@ -439,6 +439,8 @@ def load_pipeline(
         model = builders[model_id]()
         return model.to(device) if dtype == torch.float32 else model.to(device, dtype)
     try:
+        # model_index.json, read alike for a folder and a hub id: the class, never guessed from the id;
+        # another class is refused before any weights are fetched.
         class_name = diffusers.DiffusionPipeline.load_config(model_id)["_class_name"]
         if class_name in PIPELINE_CLASSES:
             model = getattr(diffusers, class_name).from_pretrained(model_id, dtype=dtype)

@@ -291,3 +291,17 @@ def test_a_saved_pipeline_loads_by_path_as_a_hub_id_does(
     assert loaded.tokenizer.pad_token == pipe.tokenizer.pad_token
     loaded.set_progress_bar_config(disable=True)
     assert np.array_equal(generate(loaded, PROMPTS), generate(pipe, PROMPTS))
+
+
+def test_a_pipeline_of_another_class_is_refused_by_name(tmp_path):
+    (tmp_path / "model_index.json").write_text(
+        '{"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1"}'
+    )
+    with pytest.raises(OSError, match="is a FluxPipeline; the package runs StableDiffusionPipeline and"):
+        p2p.load_model(str(tmp_path), device="cpu")
+
+
+def test_a_controller_without_the_latents_size_says_so():
+    controller = p2p.AttentionStore()
+    with pytest.raises(ValueError, match="set controller.latent_size"):
+        controller.needs_attention(True, "up", 64)
