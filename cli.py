@@ -33,6 +33,7 @@ QUIET_ENVIRONMENT = {
 QUIET_WARNINGS = (
     r".*`torch_dtype` is deprecated",
     r".*torchvision",
+    r".*`local_dir_use_symlinks` argument is deprecated",  # huggingface_hub, under diffusers' load_config
 )
 
 

@@ -40,7 +40,7 @@ import seq_aligner
 from ptp_utils import GUIDANCE_SCALE, NUM_DIFFUSION_STEPS
 
 if TYPE_CHECKING:  # loaded with the model (ptp_utils.load_pipeline): `import prompt2prompt` stays fast
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import PreTrainedTokenizerBase
 
 DEFAULT_MODEL_ID = ptp_utils.DEFAULT_MODEL_ID
@@ -52,10 +52,15 @@ TARGET_PROMPT = "photo of a cat riding on a motorcycle."
 # The Shapes World model (models/shapes) knows only its captions' words: its demo edit uses them.
 SHAPES_SOURCE_PROMPT = "a large red circle on a black background"
 SHAPES_TARGET_PROMPT = "a large red star on a black background"
-# The paper stores and blends attention maps of at most 32x32 queries, and replaces
-# self-attention only in layers of at most 16x16 queries (the coarse layout).
-MAX_STORED_QUERIES = 32**2
-MAX_SELF_REPLACE_QUERIES = 16**2
+# The paper stores and blends attention maps of at most 32x32 queries, and replaces self-attention
+# only in layers of at most 16x16 queries (the coarse layout), of SD 1.x's 64x64 latent (512 px): the
+# latent's side divided by 2 and by 4. Relative to the latent, the rules pick the same UNet levels on
+# every model and size: SDXL at 1024 px (128x128 latent) stores its 64x64 and 32x32 maps and replaces
+# self-attention at 32x32; SD 2.x at 768 px (96x96) stores 48x48 to 12x12 and replaces at 24x24 and 12x12.
+# Maps no larger than the paper's own 32x32 and 16x16 always qualify: a small model whose attention
+# sits at its latent's side and half of it (Shapes World, 16x16 latent) keeps both levels.
+STORED_MAPS_DOWNSAMPLING, STORED_MAPS_MIN_SIDE = 2, 32
+SELF_REPLACE_DOWNSAMPLING, SELF_REPLACE_MIN_SIDE = 4, 16
 LOCAL_BLEND_THRESHOLD = 0.3
 LOCAL_BLEND_START = 0.2  # the share of the steps before local blending starts
 
@@ -64,11 +69,12 @@ def load_model(
     model_id: str = DEFAULT_MODEL_ID,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-) -> StableDiffusionPipeline:
-    """Load Stable Diffusion (the assignment's model): fp16 on CUDA, fp32 on CPU.
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Load Stable Diffusion (the assignment's model; 1.x, 2.x or SDXL): fp16 on CUDA, fp32 on CPU.
 
     `model_id` is a hub id, a local pipeline folder, or an offline short name
-    (`ptp_utils.OFFLINE_MODELS`). The safety checker stays as the pipeline ships it.
+    (`ptp_utils.OFFLINE_MODELS`); the pipeline class is the one its model_index.json names.
+    The safety checker stays as the pipeline ships it.
     """
     return ptp_utils.load_pipeline(model_id, device, dtype)
 
@@ -88,12 +94,26 @@ class AttentionControl(abc.ABC):
     def __init__(self):
         self.num_att_layers = -1  # set by ptp_utils.register_attention_control
         self.low_resource = False  # set by text2image_ldm
+        self.latent_size = None  # (height, width), set by text2image_ldm: the resolution rules follow it
         self.reset()
 
     def reset(self) -> None:
         """Back to step 0, layer 0: before every new generation."""
         self.cur_step = 0
         self.cur_att_layer = 0
+
+    def max_queries(self, downsampling: int, min_side: int) -> int:
+        """Queries of the UNet's attention maps at the latent's size divided by `downsampling` (a power
+        of 2), or of a `min_side` square if that is more: the layers of at most this many queries are
+        those of that level and coarser ones."""
+        if self.latent_size is None:
+            raise ValueError(
+                "The controller does not know the latent's size: set controller.latent_size = "
+                "latents.shape[2:] before denoising (text2image_ldm does)."
+            )
+        height, width = self.latent_size
+        relative = -(-height // downsampling) * -(-width // downsampling)  # the UNet's strides round up
+        return max(relative, min_side**2)
 
     @property
     def num_uncond_att_layers(self) -> int:
@@ -138,7 +158,8 @@ class EmptyControl(AttentionControl):
 
 
 class AttentionStore(AttentionControl):
-    """Sum the attention maps (of at most 32x32 queries) over steps, per place and kind, for figures."""
+    """Sum the attention maps (of at most the latent's side / 2 squared queries: 32x32 on SD 1.x at
+    512 px) over steps, per place and kind, for figures."""
 
     def __init__(self):
         super().__init__()
@@ -155,13 +176,12 @@ class AttentionStore(AttentionControl):
         self.attention_store = {}
 
     def needs_attention(self, is_cross: bool, place_in_unet: str, num_queries: int) -> bool:
-        return (
-            super().needs_attention(is_cross, place_in_unet, num_queries)
-            and num_queries <= MAX_STORED_QUERIES
-        )
+        return super().needs_attention(
+            is_cross, place_in_unet, num_queries
+        ) and num_queries <= self.max_queries(STORED_MAPS_DOWNSAMPLING, STORED_MAPS_MIN_SIDE)
 
     def forward(self, attn: torch.Tensor, is_cross: bool, place_in_unet: str) -> torch.Tensor:
-        if attn.shape[1] <= MAX_STORED_QUERIES:
+        if attn.shape[1] <= self.max_queries(STORED_MAPS_DOWNSAMPLING, STORED_MAPS_MIN_SIDE):
             self.step_store[f"{place_in_unet}_{'cross' if is_cross else 'self'}"].append(
                 attn.detach().clone()
             )
@@ -279,7 +299,8 @@ class LocalBlend:
 
 class AttentionControlEdit(AttentionStore, abc.ABC):
     """Inject the source's attention into the targets: cross-attention through `replace_cross_attention`
-    for a share of the steps (per word if asked), self-attention (layers of <= 16x16 queries) for another.
+    for a share of the steps (per word if asked), self-attention (layers at the latent's side / 4 and
+    coarser: 16x16 and 8x8 on SD 1.x at 512 px) for another.
 
     Prompt 0 is the source; prompts 1.. are targets.
     """
@@ -344,13 +365,17 @@ class AttentionControlEdit(AttentionStore, abc.ABC):
         if not AttentionControl.needs_attention(self, is_cross, place_in_unet, num_queries):
             return False
         if is_cross:
-            stores = self.local_blend is not None and num_queries <= MAX_STORED_QUERIES
+            stores = self.local_blend is not None and num_queries <= self.max_queries(
+                STORED_MAPS_DOWNSAMPLING, STORED_MAPS_MIN_SIDE
+            )
             return stores or self.replaces_cross_attention_now()
-        return self.replaces_self_attention_now() and num_queries <= MAX_SELF_REPLACE_QUERIES
+        return self.replaces_self_attention_now() and num_queries <= self.max_queries(
+            SELF_REPLACE_DOWNSAMPLING, SELF_REPLACE_MIN_SIDE
+        )
 
     def replace_self_attention(self, attn_base: torch.Tensor, att_replace: torch.Tensor) -> torch.Tensor:
         """Self-attention injection: every prompt takes the source's maps, at the layers small enough."""
-        if att_replace.shape[2] <= MAX_SELF_REPLACE_QUERIES:
+        if att_replace.shape[2] <= self.max_queries(SELF_REPLACE_DOWNSAMPLING, SELF_REPLACE_MIN_SIDE):
             return attn_base.unsqueeze(0).expand(att_replace.shape[0], *attn_base.shape)
         return att_replace
 
@@ -503,9 +528,53 @@ class AttentionReweight(AttentionControlEdit):
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_text(model: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    """CLIP text embeddings (len(prompts), 77, dim); a prompt longer than 77 tokens is an error."""
+def encode_text(
+    model: StableDiffusionPipeline | StableDiffusionXLPipeline, prompts: list[str]
+) -> torch.Tensor:
+    """Text embeddings (len(prompts), 77, dim): CLIP's on SD 1.x and 2.x; on SDXL both text encoders'
+    hidden states concatenated, as its pipeline builds them. A prompt longer than 77 tokens is an error."""
+    if ptp_utils.is_sdxl(model):
+        return encode_conditions(model, prompts, None, guidance=False)[0]
     return model.text_encoder(ptp_utils.tokenize_prompts(model.tokenizer, prompts).to(model.device))[0]
+
+
+def encode_conditions(
+    model: StableDiffusionPipeline | StableDiffusionXLPipeline,
+    prompts: list[str],
+    negative_prompt: list[str] | None,
+    height: int | None = None,
+    width: int | None = None,
+    guidance: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """What the UNet is conditioned on, for the batch [unconditional branch; prompts] (the prompts
+    alone without `guidance`): text embeddings, and SDXL's added conditions (None on SD 1.x, 2.x).
+
+    The unconditional branch reads `negative_prompt`, or else the empty prompt; SDXL's, zeros where
+    its config says force_zeros_for_empty_prompt. SDXL's added conditions are the pooled embedding of
+    its second text encoder and the time ids (original size, crop corner, target size), from its
+    pipeline's own `encode_prompt` and `_get_add_time_ids`. A prompt over 77 tokens is an error.
+    """
+    if not ptp_utils.is_sdxl(model):
+        cond_embeddings = encode_text(model, prompts)
+        if not guidance:
+            return cond_embeddings, None
+        return torch.cat([encode_text(model, negative_prompt or [""] * len(prompts)), cond_embeddings]), None
+    for tokenizer in (model.tokenizer, model.tokenizer_2):
+        ptp_utils.tokenize_prompts(tokenizer, prompts + (negative_prompt or []))  # the length check
+    embeddings, negative_embeddings, pooled, negative_pooled = model.encode_prompt(
+        prompts, device=model.device, do_classifier_free_guidance=guidance, negative_prompt=negative_prompt
+    )
+    size = (
+        height or model.unet.config.sample_size * model.vae_scale_factor,
+        width or model.unet.config.sample_size * model.vae_scale_factor,
+    )
+    time_ids = model._get_add_time_ids(
+        size, (0, 0), size, embeddings.dtype, model.text_encoder_2.config.projection_dim
+    ).to(model.device)
+    if guidance:
+        embeddings = torch.cat([negative_embeddings, embeddings])
+        pooled = torch.cat([negative_pooled, pooled])
+    return embeddings, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(embeddings), 1)}
 
 
 @torch.no_grad()
@@ -528,7 +597,9 @@ def text2image_ldm(
     The manual denoising loop of the assignment, with whichever diffusers scheduler the pipeline
     carries. A negative prompt replaces the empty prompt of the unconditional branch;
     `uncond_embeddings` (one (1, 77, dim) embedding per step, from an inversion of a real image)
-    replace it step by step, the same for every prompt. Returns (uint8 images of shape
+    replace it step by step, the same for every prompt (on SDXL, its text embeddings: the pooled
+    embedding stays the negative prompt's). SD 1.x, 2.x and SDXL alike: with EmptyControl the
+    images are those of the model's own diffusers pipeline. Returns (uint8 images of shape
     (B, H, W, 3), x_T).
     """
     prompt = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -548,18 +619,19 @@ def text2image_ldm(
             f"uncond_embeddings holds {len(uncond_embeddings)} embeddings but num_inference_steps is "
             f"{num_inference_steps}: pass one per step (invert with as many steps as the edit takes)."
         )
-    if negative_prompt is None or isinstance(negative_prompt, str):
-        negative_prompt = [negative_prompt or ""] * len(prompt)
+    if isinstance(negative_prompt, str):
+        negative_prompt = [negative_prompt] * len(prompt)
     height = height or model.unet.config.sample_size * model.vae_scale_factor
     width = width or model.unet.config.sample_size * model.vae_scale_factor
 
-    cond_embeddings = encode_text(model, prompt)
-    context = torch.cat([encode_text(model, negative_prompt), cond_embeddings])
+    context, added_cond_kwargs = encode_conditions(model, prompt, negative_prompt, height, width)
+    cond_embeddings = context[len(prompt) :]
     latent, latents = ptp_utils.init_latent(latent, model, height, width, generator, len(prompt))
     model.scheduler.set_timesteps(num_inference_steps, device=model.device)
     latents = latents * model.scheduler.init_noise_sigma
     controller.reset()
     controller.low_resource = low_resource
+    controller.latent_size = tuple(latents.shape[2:])
     with ptp_utils.register_attention_control(model, controller):
         for i, t in enumerate(model.progress_bar(model.scheduler.timesteps)):
             if uncond_embeddings is not None:
@@ -567,10 +639,24 @@ def text2image_ldm(
                 null = uncond_embeddings[i].to(cond_embeddings).expand(len(prompt), -1, -1)
                 context = torch.cat([null, cond_embeddings])
             latents = ptp_utils.diffusion_step(
-                model, controller, latents, context, t, guidance_scale, low_resource, generator
+                model,
+                controller,
+                latents,
+                context,
+                t,
+                guidance_scale,
+                low_resource,
+                generator,
+                added_cond_kwargs,
             )
-    images = ptp_utils.latent2image(model.vae, latents)
-    if model.safety_checker is not None:
+    # SDXL's VAE overflows in fp16: its pipeline decodes in fp32 where the config says force_upcast.
+    upcast = ptp_utils.is_sdxl(model) and model.vae.dtype == torch.float16 and model.vae.config.force_upcast
+    if upcast:
+        model.vae.to(torch.float32)
+    images = ptp_utils.latent2image(model.vae, latents.to(model.vae.dtype))
+    if upcast:
+        model.vae.to(torch.float16)
+    if getattr(model, "safety_checker", None) is not None:
         checked, _ = model.run_safety_checker(images / 255.0, model.device, context.dtype)
         images = (checked * 255).round().astype(np.uint8)
     return images, latent
@@ -705,11 +791,13 @@ def ddim_inversion(
     # DDIMInverseScheduler would read a v or x_0 prediction at the level of the latent it steps from.
     inverse = DDIMInverseScheduler.from_config(model.scheduler.config, prediction_type="epsilon")
     inverse.set_timesteps(num_inference_steps, device=model.device)
-    cond_embeddings = encode_text(model, [prompt])
+    cond_embeddings, added_cond_kwargs = encode_conditions(model, [prompt], None, guidance=False)
     latent = image2latent(model, image)
     latents = [latent]
     for t in model.progress_bar(inverse.timesteps):
-        model_output = model.unet(latent, t, encoder_hidden_states=cond_embeddings).sample
+        model_output = model.unet(
+            latent, t, encoder_hidden_states=cond_embeddings, added_cond_kwargs=added_cond_kwargs
+        ).sample
         latent = inverse.step(predicted_noise(model, model_output, t, latent), t, latent).prev_sample
         # The UNet may answer in channels-last layout; an edit from x_T rounds differently per layout,
         # and must not change when x_T is saved and loaded (contiguous).
@@ -749,8 +837,9 @@ class NullInversion:
         model, dtype = self.model, self.model.unet.dtype
         pivots = ddim_inversion(model, image, prompt, self.num_ddim_steps)
         with torch.no_grad():
-            cond_embeddings = encode_text(model, [prompt])
-            null = encode_text(model, [""]).float()
+            context, added_cond_kwargs = encode_conditions(model, [prompt], None)
+        null, cond_embeddings = context[:1].float(), context[1:]
+        added_uncond, added_cond = ptp_utils.guidance_halves(added_cond_kwargs)
         model.scheduler.set_timesteps(self.num_ddim_steps, device=model.device)
         # fp16 gradients of a loss this small underflow: scale the loss up, the gradient back down.
         scaler = torch.amp.GradScaler(model.device.type, enabled=dtype == torch.float16)
@@ -759,11 +848,15 @@ class NullInversion:
         for i, t in enumerate(model.progress_bar(model.scheduler.timesteps)):
             target = pivots[-2 - i].float()
             with torch.no_grad():
-                noise_pred_cond = model.unet(latent, t, encoder_hidden_states=cond_embeddings).sample
+                noise_pred_cond = model.unet(
+                    latent, t, encoder_hidden_states=cond_embeddings, added_cond_kwargs=added_cond
+                ).sample
             null = null.detach().clone().requires_grad_(True)  # a new leaf: the stored ones stay as they are
             optimizer = torch.optim.Adam([null], lr=NULL_TEXT_LEARNING_RATE * (1 - i / 100))
             for _ in range(num_inner_steps):
-                noise_pred_uncond = model.unet(latent, t, encoder_hidden_states=null.to(dtype)).sample
+                noise_pred_uncond = model.unet(
+                    latent, t, encoder_hidden_states=null.to(dtype), added_cond_kwargs=added_uncond
+                ).sample
                 noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_cond - noise_pred_uncond)
                 latent_prev = model.scheduler.step(noise_pred.float(), t, latent.float()).prev_sample
                 loss = F.mse_loss(latent_prev, target)
@@ -779,7 +872,13 @@ class NullInversion:
             with torch.no_grad():
                 context = torch.cat([null.to(dtype), cond_embeddings])
                 latent = ptp_utils.diffusion_step(
-                    model, EmptyControl(), latent, context, t, self.guidance_scale
+                    model,
+                    EmptyControl(),
+                    latent,
+                    context,
+                    t,
+                    self.guidance_scale,
+                    added_cond_kwargs=added_cond_kwargs,
                 )
         return pivots[-1], uncond_embeddings
 

@@ -29,9 +29,15 @@ from PIL import Image, ImageDraw, ImageFont
 from seq_aligner import get_word_inds
 
 if TYPE_CHECKING:  # the controllers are prompt2prompt's, which imports this module
-    from diffusers import AutoencoderKL, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        SchedulerMixin,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from diffusers.models.attention_processor import Attention, AttentionProcessor
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from prompt2prompt import AttentionControl, AttentionStore
 
@@ -54,7 +60,14 @@ OFFLINE_MODELS = {
     "tiny": "random weights in Stable Diffusion's architecture, 32x32: proves the plumbing only",
     "sd1-random": "Stable Diffusion 1.x's full architecture with random weights, for benchmarks",
     "shapes": "the Shapes World model that shapes_train.py trains into models/shapes, 64x64",
+    "sd2-tiny": "random weights in Stable Diffusion 2.x's architecture (v-prediction), 32x32",
+    "sdxl-tiny": "random weights in SDXL's architecture (two text encoders, time ids), 32x32",
+    "sdxl-random": "SDXL base's full architecture with random weights, for benchmarks",
 }
+# The pipeline classes the package runs, by the `_class_name` of a pipeline's model_index.json.
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# SD 2.x's and SDXL's OpenCLIP tokenizers pad with "!" (id 0); SD 1.x's CLIP tokenizer with its end token.
+OPENCLIP_PAD_TOKEN = "!"
 # The samplers of the diffusion-practice experiments (diffusers class names), from the pipeline's schedule.
 SCHEDULERS = {
     "Euler": "EulerDiscreteScheduler",
@@ -71,11 +84,12 @@ CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_NUM_MERGES = 49152 - 256 - 2
 
 
-def offline_clip_tokenizer() -> CLIPTokenizer:
+def offline_clip_tokenizer(pad_token: str | None = None) -> CLIPTokenizer:
     """The real CLIP BPE tokenizer of Stable Diffusion 1.x (49,408 tokens), built without network.
 
     open_clip_torch ships the BPE merges; the vocabulary follows from them exactly as CLIP
     defines it. Only the data file is read, so open_clip itself (and torchvision) need not import.
+    `pad_token` OPENCLIP_PAD_TOKEN gives the tokenizer of SD 2.x and SDXL's second text encoder.
     """
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -92,16 +106,24 @@ def offline_clip_tokenizer() -> CLIPTokenizer:
     byte_symbols = list(bytes_to_unicode().values())
     vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
+    padding = {} if pad_token is None else {"pad_token": pad_token}
     return CLIPTokenizer(
-        vocab={token: i for i, token in enumerate(vocab)}, merges=merges, model_max_length=CLIP_MAX_LENGTH
+        vocab={token: i for i, token in enumerate(vocab)},
+        merges=merges,
+        model_max_length=CLIP_MAX_LENGTH,
+        **padding,
     )
 
 
-def make_clip_text_encoder(tokenizer: CLIPTokenizer, **sizes) -> CLIPTextModel:
-    """A randomly initialised CLIP text encoder of the given sizes that reads `tokenizer`'s ids."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def make_clip_text_encoder(
+    tokenizer: CLIPTokenizer, with_projection: bool = False, **sizes
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A randomly initialised CLIP text encoder of the given sizes that reads `tokenizer`'s ids;
+    `with_projection`: the one that also returns the projected pooled embedding (SDXL's second)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextModel(
+    text_model = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return text_model(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             max_position_embeddings=CLIP_MAX_LENGTH,
@@ -120,7 +142,7 @@ def make_tiny_pipeline(seed: int = 0, tokenizer: CLIPTokenizer | None = None) ->
     up attention, a CLIP text encoder, the real CLIP tokenizer, SD's schedule): it proves the
     plumbing, not the pictures.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     tokenizer = tokenizer or offline_clip_tokenizer()
     torch.manual_seed(seed)
@@ -135,15 +157,7 @@ def make_tiny_pipeline(seed: int = 0, tokenizer: CLIPTokenizer | None = None) ->
         cross_attention_dim=32,
         attention_head_dim=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        sample_size=32,
-    )
+    vae = make_tiny_vae()
     text_encoder = make_clip_text_encoder(
         tokenizer, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
     )
@@ -181,22 +195,194 @@ def make_sd1_random_pipeline() -> StableDiffusionPipeline:
     return assemble_pipeline(vae, text_encoder, unet, tokenizer)
 
 
-def assemble_pipeline(
-    vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: CLIPTokenizer
-) -> StableDiffusionPipeline:
-    """The parts as a Stable Diffusion pipeline with SD's schedule (DDIM sampling), no safety checker."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def make_sd2_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A Stable Diffusion 2.x-like pipeline with random weights, small enough for a CPU test (32x32).
 
+    What sets SD 2.x apart from 1.x, in miniature: v-prediction, linear projections in the
+    transformer blocks, a head dimension per block, the OpenCLIP tokenizer's "!" padding, and
+    attention at three latent resolutions (16, 8 and 4; SD 2.x at 768 px: 96 to 12).
+    """
+    from diffusers import UNet2DConditionModel
+
+    tokenizer = offline_clip_tokenizer(pad_token=OPENCLIP_PAD_TOKEN)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        norm_num_groups=16,
+    )
+    text_encoder = make_clip_text_encoder(
+        tokenizer,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_act="gelu",
+    )
+    pipe = assemble_pipeline(make_tiny_vae(), text_encoder, unet, tokenizer, prediction_type="v_prediction")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_sdxl_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """An SDXL-like pipeline with random weights, small enough for a CPU test (32x32 images).
+
+    SDXL's wiring in miniature (after diffusers' own tiny SDXL test model): two text encoders
+    (CLIP and CLIP with projection, their hidden states concatenated for cross-attention), the
+    pooled embedding and the size and crop time ids added to the timestep embedding, no
+    attention at the finest level, several transformer blocks per level at the coarser ones.
+    """
+    from diffusers import UNet2DConditionModel
+
+    tokenizer = offline_clip_tokenizer()
+    tokenizer_2 = offline_clip_tokenizer(pad_token=OPENCLIP_PAD_TOKEN)
+    torch.manual_seed(seed)
+    text_encoder_sizes = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
+    )
+    text_encoder = make_clip_text_encoder(tokenizer, **text_encoder_sizes)
+    text_encoder_2 = make_clip_text_encoder(
+        tokenizer_2, with_projection=True, hidden_act="gelu", projection_dim=32, **text_encoder_sizes
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        cross_attention_dim=32 + 32,  # both text encoders' hidden states
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        # six time ids (original size, crop corner, target size) and the pooled projection
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        norm_num_groups=16,
+    )
+    pipe = assemble_pipeline(
+        make_tiny_vae(), text_encoder, unet, tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_sdxl_random_pipeline() -> StableDiffusionXLPipeline:
+    """SDXL base's architecture (stabilityai/stable-diffusion-xl-base-1.0's configs) with random weights:
+    about 3.5 billion parameters, 70 transformer blocks, for benchmarks without a download."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    tokenizer = offline_clip_tokenizer()
+    tokenizer_2 = offline_clip_tokenizer(pad_token=OPENCLIP_PAD_TOKEN)
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 6 * 256 + 1280
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=1024,
+        scaling_factor=0.13025,
+    )
+    text_encoder = make_clip_text_encoder(
+        tokenizer,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+    )
+    text_encoder_2 = make_clip_text_encoder(
+        tokenizer_2,
+        with_projection=True,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        hidden_act="gelu",
+        projection_dim=1280,
+    )
+    return assemble_pipeline(
+        vae, text_encoder, unet, tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2
+    )
+
+
+def make_tiny_vae() -> AutoencoderKL:
+    """The tiny pipelines' VAE: random weights, two levels (a latent pixel is 2x2 image pixels)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        sample_size=32,
+    )
+
+
+def assemble_pipeline(
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    tokenizer: CLIPTokenizer,
+    prediction_type: str = "epsilon",
+    text_encoder_2: CLIPTextModelWithProjection | None = None,
+    tokenizer_2: CLIPTokenizer | None = None,
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """The parts as a Stable Diffusion pipeline (an SDXL one with `text_encoder_2`) with SD's schedule
+    (DDIM sampling, the model's `prediction_type`), no safety checker, no watermark."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    if text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def is_sdxl(model: StableDiffusionPipeline | StableDiffusionXLPipeline) -> bool:
+    """Whether the pipeline is SDXL's: two text encoders, a pooled embedding and time ids."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return isinstance(model, StableDiffusionXLPipeline)
 
 
 def tokenize_prompts(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
@@ -221,13 +407,15 @@ def load_pipeline(
     model_id: str = DEFAULT_MODEL_ID,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-) -> StableDiffusionPipeline:
-    """A Stable Diffusion pipeline from the hub, a local folder, or an offline short name ("shapes").
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """A Stable Diffusion (1.x, 2.x) or SDXL pipeline from the hub, a local folder, or an offline short name.
 
-    fp16 on CUDA and fp32 on CPU unless `dtype` says otherwise; the safety checker stays as the
-    pipeline ships it. A model that cannot be had raises OSError: what failed, and the ways out.
+    The pipeline class is the one the model's own model_index.json names (read alike for a folder
+    and a hub id), never guessed from the id. fp16 on CUDA and fp32 on CPU unless `dtype` says
+    otherwise; the safety checker stays as the pipeline ships it. A model that cannot be had
+    raises OSError: what failed, and the ways out.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     cli.silence_third_party()  # now that diffusers and transformers are imported: their loading bars
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -241,10 +429,21 @@ def load_pipeline(
             )
         model_id = str(SHAPES_MODEL_DIR)
     elif model_id in OFFLINE_MODELS:
-        model = make_tiny_pipeline() if model_id == "tiny" else make_sd1_random_pipeline()
+        builders = {
+            "tiny": make_tiny_pipeline,
+            "sd1-random": make_sd1_random_pipeline,
+            "sd2-tiny": make_sd2_tiny_pipeline,
+            "sdxl-tiny": make_sdxl_tiny_pipeline,
+            "sdxl-random": make_sdxl_random_pipeline,
+        }
+        model = builders[model_id]()
         return model.to(device) if dtype == torch.float32 else model.to(device, dtype)
     try:
-        model = StableDiffusionPipeline.from_pretrained(model_id, dtype=dtype)
+        # model_index.json, read alike for a folder and a hub id: the class, never guessed from the id;
+        # another class is refused before any weights are fetched.
+        class_name = diffusers.DiffusionPipeline.load_config(model_id)["_class_name"]
+        if class_name in PIPELINE_CLASSES:
+            model = getattr(diffusers, class_name).from_pretrained(model_id, dtype=dtype)
     except (OSError, ValueError) as error:  # ValueError: neither a folder nor a valid hub id
         folder = Path(model_id).is_dir()
         if folder:
@@ -260,12 +459,17 @@ def load_pipeline(
             f"Ways out: `hf download {download}` where there is internet (then HF_HUB_OFFLINE=1 here), "
             f"a local pipeline folder, or an offline model: {offline}."
         ) from error
+    if class_name not in PIPELINE_CLASSES:
+        raise OSError(
+            f"The model '{model_id}' is a {class_name}; the package runs {' and '.join(PIPELINE_CLASSES)} "
+            f"(Stable Diffusion 1.x, 2.x and SDXL): give one of those."
+        )
     return model.to(device)
 
 
 def load_pipeline_or_exit(
     model_id: str, device: str | None, dtype: torch.dtype | None = None
-) -> StableDiffusionPipeline:
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """`load_pipeline` for a script: a device or model that cannot be had ends it with one line
     that names --device or --model (exit code 2)."""
     if device is not None:
@@ -428,7 +632,7 @@ def register_attention_control(
 
 
 def diffusion_step(
-    model: StableDiffusionPipeline,
+    model: StableDiffusionPipeline | StableDiffusionXLPipeline,
     controller: AttentionControl,
     latents: torch.Tensor,
     context: torch.Tensor,
@@ -436,28 +640,46 @@ def diffusion_step(
     guidance_scale: float,
     low_resource: bool = False,
     generator: torch.Generator | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One denoising step with classifier-free guidance: z_t -> z_{t-1}.
 
-    `context` holds the unconditional embeddings followed by the prompts' embeddings. With
-    `low_resource` the two halves go through the UNet one after the other, halving peak memory.
-    `generator` feeds schedulers that add noise at each step (ancestral samplers).
+    `context` holds the unconditional embeddings followed by the prompts' embeddings, and so do
+    the values of `added_cond_kwargs` (SDXL's pooled text embeddings and time ids; None for SD 1.x
+    and 2.x). With `low_resource` the two halves go through the UNet one after the other, halving
+    peak memory. `generator` feeds schedulers that add noise at each step (ancestral samplers).
     """
     latent_input = model.scheduler.scale_model_input(torch.cat([latents] * 2), t)
     if low_resource:
         noise_pred = torch.cat(
             [
-                model.unet(half_input, t, encoder_hidden_states=half_context).sample
-                for half_input, half_context in zip(latent_input.chunk(2), context.chunk(2))
+                model.unet(
+                    half_input, t, encoder_hidden_states=half_context, added_cond_kwargs=half_added
+                ).sample
+                for half_input, half_context, half_added in zip(
+                    latent_input.chunk(2), context.chunk(2), guidance_halves(added_cond_kwargs)
+                )
             ]
         )
     else:
-        noise_pred = model.unet(latent_input, t, encoder_hidden_states=context).sample
+        noise_pred = model.unet(
+            latent_input, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs
+        ).sample
     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
     noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
     step_kwargs = model.prepare_extra_step_kwargs(generator, eta=0.0)
     latents = model.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
     return controller.step_callback(latents)
+
+
+def guidance_halves(
+    added_cond_kwargs: dict[str, torch.Tensor] | None,
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """The added conditions (SDXL's) of the unconditional and of the prompts' half of the batch."""
+    if added_cond_kwargs is None:
+        return None, None
+    uncond, cond = ({name: value.chunk(2)[i] for name, value in added_cond_kwargs.items()} for i in (0, 1))
+    return uncond, cond
 
 
 @torch.no_grad()

@@ -5,6 +5,9 @@ standard denoising loss; every other weight, and every other row, stays bit-iden
 runs through HuggingFace accelerate (mixed precision, gradient accumulation, several GPUs with
 `accelerate launch textual_inversion.py ...`), checkpoints and resumes, and saves
 `learned_embeds.safetensors` in the format `StableDiffusionPipeline.load_textual_inversion` reads.
+On SDXL the word gets a row in both text encoders, trained together as diffusers'
+textual_inversion_sdxl.py trains them, and the file holds both ("clip_l", "clip_g"): SDXL's usual
+format, which `StableDiffusionXLPipeline.load_textual_inversion` reads once per encoder.
 
     python textual_inversion.py --images data/pokeball --token "<pokeball>" --init ball
 """
@@ -24,17 +27,20 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils import make_image_grid
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 import ptp_utils
 
 EMBEDS_FILE = "learned_embeds.safetensors"
+# The keys of SDXL's embeddings file: the rows of the first (CLIP ViT-L) and second (OpenCLIP ViT-bigG)
+# text encoder.
+SDXL_EMBEDS_KEYS = ("clip_l", "clip_g")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # diffusers' training-script defaults for SD 1.x (there with --scale_lr off).
 LEARNING_RATE = 5e-4
@@ -149,13 +155,22 @@ def multi_vector_tokens(token: str, num_vectors: int) -> list[str]:
 
 
 class StableDiffusionWrapper:
-    """A Stable Diffusion pipeline opened up into the pieces textual inversion needs."""
+    """A Stable Diffusion (1.x, 2.x or SDXL) pipeline opened up into the pieces textual inversion needs.
 
-    def __init__(self, pipe: StableDiffusionPipeline):
+    `tokenizers` and `text_encoders` hold the pipeline's one (SD 1.x, 2.x) or two (SDXL);
+    `tokenizer` and `text_encoder` are the first.
+    """
+
+    def __init__(self, pipe: StableDiffusionPipeline | StableDiffusionXLPipeline):
         self.pipe = pipe
+        self.sdxl = ptp_utils.is_sdxl(pipe)
+        self.tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if self.sdxl else [pipe.tokenizer]
+        self.text_encoders = [pipe.text_encoder, pipe.text_encoder_2] if self.sdxl else [pipe.text_encoder]
         self.tokenizer = pipe.tokenizer
         self.text_encoder = pipe.text_encoder
         self.vae = pipe.vae
+        # The training images' size, which SDXL's time ids name; the model's own until training sets it.
+        self.resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.unet = pipe.unet
         # Training adds noise with the DDPM forward process of the model's own schedule; the
         # pipeline keeps its sampler for generation.
@@ -166,27 +181,46 @@ class StableDiffusionWrapper:
         return self.unet.device
 
     def tokenize(self, prompt: list[str]) -> torch.Tensor:
-        """Prompts -> padded token ids (batch, 77), exactly as the pipeline tokenizes them."""
-        # Expands a multi-vector placeholder `<t>` into `<t> <t>_1 ...`, as the pipeline does.
-        prompt = self.pipe.maybe_convert_prompt(prompt, self.tokenizer)
-        return self.tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
+        """Prompts -> padded token ids (batch, 77), exactly as the pipeline tokenizes them; on SDXL
+        (batch, 2, 77), one row per tokenizer (they differ in their padding)."""
+        ids = [
+            tokenizer(
+                # Expands a multi-vector placeholder `<t>` into `<t> <t>_1 ...`, as the pipeline does.
+                self.pipe.maybe_convert_prompt(prompt, tokenizer),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            for tokenizer in self.tokenizers
+        ]
+        return (torch.stack(ids, dim=1) if self.sdxl else ids[0]).to(self.text_encoder.device)
 
     def encode_prompt(
-        self, prompt: list[str] | torch.Tensor, text_encoder: torch.nn.Module | None = None
-    ) -> torch.Tensor:
-        """Prompts, or their ids from `tokenize`, -> CLIP hidden states (batch, 77, dim).
+        self, prompt: list[str] | torch.Tensor, text_encoders: list[torch.nn.Module] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Prompts, or their ids from `tokenize`, -> the UNet's text conditioning: CLIP hidden states
+        (batch, 77, dim), and None; on SDXL, as its pipeline builds them, both encoders' penultimate
+        hidden states concatenated, and the added conditions (the second encoder's pooled
+        embedding, the time ids of an uncropped image at the training resolution).
 
-        `text_encoder` is the accelerate-prepared one during training (under DDP its own forward
+        `text_encoders` are the accelerate-prepared ones during training (under DDP their own forward
         is what synchronises the gradients).
         """
         ids = prompt if isinstance(prompt, torch.Tensor) else self.tokenize(prompt)
-        return (text_encoder or self.text_encoder)(ids)[0]
+        text_encoders = text_encoders or self.text_encoders
+        if not self.sdxl:
+            return text_encoders[0](ids)[0], None
+        outputs = [encoder(ids[:, i], output_hidden_states=True) for i, encoder in enumerate(text_encoders)]
+        size = (self.resolution, self.resolution)
+        time_ids = self.pipe._get_add_time_ids(
+            size, (0, 0), size, outputs[1][0].dtype, self.pipe.text_encoder_2.config.projection_dim
+        )
+        added_cond_kwargs = {
+            "text_embeds": outputs[1][0],
+            "time_ids": time_ids.to(ids.device).repeat(len(ids), 1),
+        }
+        return torch.cat([output.hidden_states[-2] for output in outputs], dim=-1), added_cond_kwargs
 
     @torch.no_grad()
     def encode_image_to_latents(self, image: torch.Tensor) -> torch.Tensor:
@@ -195,7 +229,11 @@ class StableDiffusionWrapper:
         return posterior.sample() * self.vae.config.scaling_factor
 
     def predict_noise(
-        self, timestep_idx: torch.Tensor, noisy_latents: torch.Tensor, embeddings: torch.Tensor
+        self,
+        timestep_idx: torch.Tensor,
+        noisy_latents: torch.Tensor,
+        embeddings: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The UNet's output at training timesteps `timestep_idx` (0 ... num_train_timesteps - 1).
 
@@ -203,8 +241,13 @@ class StableDiffusionWrapper:
         precision while the text encoder, whose embeddings are trained, stays fp32.
         """
         dtype = self.unet.dtype
+        if added_cond_kwargs is not None:
+            added_cond_kwargs = {name: value.to(dtype) for name, value in added_cond_kwargs.items()}
         return self.unet(
-            noisy_latents.to(dtype), timestep_idx, encoder_hidden_states=embeddings.to(dtype)
+            noisy_latents.to(dtype),
+            timestep_idx,
+            encoder_hidden_states=embeddings.to(dtype),
+            added_cond_kwargs=added_cond_kwargs,
         ).sample
 
     @torch.no_grad()
@@ -220,17 +263,32 @@ class StableDiffusionWrapper:
         # fp32, while the pipeline casts everything to the text encoder's dtype: autocast reconciles them.
         half = self.unet.dtype if self.unet.dtype != self.text_encoder.dtype else None
         with torch.autocast(self.device.type, dtype=half, enabled=half is not None):
+            if self.sdxl:  # its own encode_prompt: both encoders, pooled embeddings, zeros for no negative
+                return self.pipe(
+                    prompts,
+                    generator=generator,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                ).images
             return self.pipe(
-                prompt_embeds=self.encode_prompt(prompts),
-                negative_prompt_embeds=self.encode_prompt([""] * len(prompts)),
+                prompt_embeds=self.encode_prompt(prompts)[0],
+                negative_prompt_embeds=self.encode_prompt([""] * len(prompts))[0],
                 generator=generator,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
             ).images
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> None:
-        """Load a `learned_embeds.safetensors` (ours or any diffusers one) into the pipeline."""
-        self.pipe.load_textual_inversion(str(path), token=token)
+        """Load a `learned_embeds.safetensors` (ours or any diffusers one) into the pipeline; on SDXL
+        a file of SDXL's format, into each encoder as diffusers documents (`token` is needed)."""
+        if not self.sdxl:
+            self.pipe.load_textual_inversion(str(path), token=token)
+            return
+        embeddings = load_file(str(path))
+        for key, tokenizer, text_encoder in zip(SDXL_EMBEDS_KEYS, self.tokenizers, self.text_encoders):
+            self.pipe.load_textual_inversion(
+                embeddings[key], token=token, text_encoder=text_encoder, tokenizer=tokenizer
+            )
 
 
 def center_crop_transform(resolution: int) -> Callable[[Image.Image], torch.Tensor]:
@@ -299,6 +357,7 @@ def compute_standard_diffusion_loss(
     latents: torch.Tensor,
     timestep_idx: torch.Tensor | None,
     embeddings: torch.Tensor,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The denoising loss: noise the latents at random timesteps, regress the noise.
 
@@ -317,7 +376,7 @@ def compute_standard_diffusion_loss(
         target = scheduler.get_velocity(latents, noise, timestep_idx)
     else:
         target = noise
-    prediction = wrapper.predict_noise(timestep_idx, noisy_latents, embeddings)
+    prediction = wrapper.predict_noise(timestep_idx, noisy_latents, embeddings, added_cond_kwargs)
     return F.mse_loss(prediction.float(), target.float())
 
 
@@ -381,28 +440,30 @@ def prepare_for_textual_inversion(
 
     Everything is checked before the tokenizer or the text encoder is touched.
     """
-    tokenizer, text_encoder = wrapper.tokenizer, wrapper.text_encoder
-    check_placeholder_tokens(tokenizer, config.placeholder_tokens)
+    check_placeholder_tokens(wrapper.tokenizer, config.placeholder_tokens)
     check_prompt_templates(config.prompt_templates)
-    initializer_id = initializer_token_id(tokenizer, config.initializer_token)
+    initializer_id = initializer_token_id(wrapper.tokenizer, config.initializer_token)
 
-    tokenizer.add_tokens(config.placeholder_tokens)
-    # The new rows are overwritten below, so transformers need not fit a distribution to start them.
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    # The trained rows stay fp32 (mixed precision's master copy) whatever the pipeline's dtype:
-    # the fp16 gradient scaler refuses half-precision weights, and bf16 would quantise updates of ~lr.
-    text_encoder.to(torch.float32)
-    weight = text_encoder.get_input_embeddings().weight
-    placeholder_ids = tokenizer.convert_tokens_to_ids(config.placeholder_tokens)
-    with torch.no_grad():
-        weight[placeholder_ids] = weight[initializer_id].clone()
+    weights = []
+    for tokenizer, text_encoder in zip(wrapper.tokenizers, wrapper.text_encoders):
+        tokenizer.add_tokens(config.placeholder_tokens)
+        # The new rows are overwritten below, so transformers need not fit a distribution to start them.
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        # The trained rows stay fp32 (mixed precision's master copy) whatever the pipeline's dtype:
+        # the fp16 gradient scaler refuses half-precision weights, and bf16 would quantise updates of ~lr.
+        text_encoder.to(torch.float32)
+        weight = text_encoder.get_input_embeddings().weight
+        placeholder_ids = tokenizer.convert_tokens_to_ids(config.placeholder_tokens)
+        with torch.no_grad():  # SDXL's tokenizers share the vocabulary: the initializer has one id
+            weight[placeholder_ids] = weight[initializer_id].clone()
+        text_encoder.requires_grad_(False)
+        text_encoder.get_input_embeddings().requires_grad_(True)
+        weights.append(weight)
 
     wrapper.unet.requires_grad_(False)
     wrapper.vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    text_encoder.get_input_embeddings().requires_grad_(True)
     # The fused kernel updates the whole (vocabulary x dim) matrix in one pass instead of a dozen.
-    return torch.optim.AdamW([weight], lr=config.learning_rate, weight_decay=WEIGHT_DECAY, fused=True)
+    return torch.optim.AdamW(weights, lr=config.learning_rate, weight_decay=WEIGHT_DECAY, fused=True)
 
 
 def restore_frozen_rows(weight: torch.Tensor, original: torch.Tensor, is_placeholder: torch.Tensor) -> None:
@@ -412,11 +473,20 @@ def restore_frozen_rows(weight: torch.Tensor, original: torch.Tensor, is_placeho
 
 
 def save_learned_embeds(wrapper: StableDiffusionWrapper, placeholder_tokens: list[str], path: Path) -> None:
-    """Write the learned vectors as diffusers does: {first token: (num_vectors, dim) tensor}."""
-    ids = wrapper.tokenizer.convert_tokens_to_ids(placeholder_tokens)
-    vectors = wrapper.text_encoder.get_input_embeddings().weight[ids].detach().float().cpu()
+    """Write the learned vectors as diffusers does: {first token: (num_vectors, dim) tensor}; on SDXL
+    {"clip_l": first encoder's (num_vectors, dim), "clip_g": second encoder's}."""
+    vectors = [
+        text_encoder.get_input_embeddings()
+        .weight[tokenizer.convert_tokens_to_ids(placeholder_tokens)]
+        .detach()
+        .float()
+        .cpu()
+        .contiguous()
+        for tokenizer, text_encoder in zip(wrapper.tokenizers, wrapper.text_encoders)
+    ]
+    keys = SDXL_EMBEDS_KEYS if wrapper.sdxl else placeholder_tokens[:1]
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({placeholder_tokens[0]: vectors.contiguous()}, path)
+    save_file(dict(zip(keys, vectors)), path)
 
 
 def show_images(images: list[Image.Image]) -> Image.Image:
@@ -489,9 +559,10 @@ def textual_inversion(wrapper: StableDiffusionWrapper, config: TextualInversionC
     """Learn the placeholder embedding(s) from the images of `config.target_folder`.
 
     Runs on as many processes as `accelerate launch` starts; the embeddings end up in the
-    wrapper's text encoder and in output_dir/learned_embeds.safetensors.
+    wrapper's text encoder(s) and in output_dir/learned_embeds.safetensors.
     """
     check_resolution(wrapper, config.resolution)
+    wrapper.resolution = config.resolution
     checkpoint = find_checkpoint(config) if config.resume_from else None
     dataset = UnlabeledImageFolderDataset(
         config.target_folder, config.max_num_target_images, center_crop_transform(config.resolution)
@@ -510,18 +581,19 @@ def textual_inversion(wrapper: StableDiffusionWrapper, config: TextualInversionC
         model.to(accelerator.device)
         if model.dtype != weight_dtype:
             model.to(weight_dtype)
-    text_encoder, optimizer = accelerator.prepare(wrapper.text_encoder, optimizer)
+    *text_encoders, optimizer = accelerator.prepare(*wrapper.text_encoders, optimizer)
     if config.compile:
         # In place, so that parameter names, checkpoints and the saved embeddings stay as without it.
         wrapper.unet.compile()
-        text_encoder.compile()
+        for text_encoder in text_encoders:
+            text_encoder.compile()
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(progress)
 
-    weight = wrapper.text_encoder.get_input_embeddings().weight
-    is_placeholder = torch.zeros(len(weight), 1, dtype=torch.bool, device=weight.device)
+    weights = [text_encoder.get_input_embeddings().weight for text_encoder in wrapper.text_encoders]
+    is_placeholder = torch.zeros(len(weights[0]), 1, dtype=torch.bool, device=weights[0].device)
     is_placeholder[wrapper.tokenizer.convert_tokens_to_ids(config.placeholder_tokens)] = True
-    original = weight.detach().clone()
+    originals = [weight.detach().clone() for weight in weights]
     if checkpoint:
         accelerator.load_state(checkpoint)
 
@@ -548,19 +620,20 @@ def textual_inversion(wrapper: StableDiffusionWrapper, config: TextualInversionC
     for step in bar:
         total_loss = 0.0
         for _ in range(config.gradient_accumulation_steps):
-            with accelerator.accumulate(text_encoder):
+            with accelerator.accumulate(*text_encoders):
                 picks = torch.randint(len(dataset), **draw)
                 latents = DiagonalGaussianDistribution(posterior_params[picks]).sample()
                 latents = latents * wrapper.vae.config.scaling_factor
-                embeddings = wrapper.encode_prompt(
-                    template_ids[torch.randint(len(template_ids), **draw)], text_encoder
+                embeddings, added_cond_kwargs = wrapper.encode_prompt(
+                    template_ids[torch.randint(len(template_ids), **draw)], text_encoders
                 )
-                loss = compute_standard_diffusion_loss(wrapper, latents, None, embeddings)
+                loss = compute_standard_diffusion_loss(wrapper, latents, None, embeddings, added_cond_kwargs)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
                 total_loss += loss.detach()
-        restore_frozen_rows(weight, original, is_placeholder)
+        for weight, original in zip(weights, originals):
+            restore_frozen_rows(weight, original, is_placeholder)
         progress.step = step + 1
         if progress.step % LOSS_DISPLAY_EVERY == 0 or progress.step == config.num_inversion_steps:
             bar.set_postfix(loss=(total_loss / config.gradient_accumulation_steps).item())
@@ -570,10 +643,11 @@ def textual_inversion(wrapper: StableDiffusionWrapper, config: TextualInversionC
         if accelerator.is_main_process and config.show_every and progress.step % config.show_every == 0:
             validation_sampling(wrapper, config, progress.step)
 
-    # The prepared text encoder may carry an autocast forward; the pipeline gets the plain module back.
-    wrapper.text_encoder = wrapper.pipe.text_encoder = accelerator.unwrap_model(
-        text_encoder, keep_fp32_wrapper=False
-    )
+    # The prepared text encoders may carry an autocast forward; the pipeline gets the plain modules back.
+    wrapper.text_encoders = [accelerator.unwrap_model(e, keep_fp32_wrapper=False) for e in text_encoders]
+    wrapper.text_encoder = wrapper.pipe.text_encoder = wrapper.text_encoders[0]
+    if wrapper.sdxl:
+        wrapper.pipe.text_encoder_2 = wrapper.text_encoders[1]
     if accelerator.is_main_process:
         save_learned_embeds(wrapper, config.placeholder_tokens, Path(config.output_dir) / EMBEDS_FILE)
 

@@ -1,6 +1,7 @@
 """Time and peak memory of each Prompt-to-Prompt edit against diffusers' own pipeline, in one run.
 
-  pipeline   StableDiffusionPipeline.__call__ generating the two images of the word swap
+  pipeline   the model's own diffusers pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline)
+             generating the two images of the word swap
   replace    AttentionReplace: "... on a bicycle." -> "... on a motorcycle."
   refine     AttentionRefine: a word added ("... on a red bicycle.")
   reweight   AttentionReweight alone: the source prompt against itself, "cat" weighing twice
@@ -13,11 +14,13 @@ touches them all). Each edit's time is divided by the pipeline's of the same rou
 and max of those ratios over the rounds. Peak memory of a run, on CUDA: torch's max_memory_allocated
 over what was allocated before it; on the CPU it is not measured (n/a): the allocator keeps freed
 memory for the next run, so the peak resident size of one process does not separate the variants.
+On CUDA the total peak (weights included) says whether an edit fits a card (`p2p_total_peak_gb`).
 Prints a table, then the figures as JSON, last.
 
     python bench/p2p_bench.py                                                # tiny pipeline, 64 px
     python bench/p2p_bench.py --model sd1-random --size 256 --steps 5 --repeats 3
     python bench/p2p_bench.py --model sd1-random --size 512 --steps 50 --repeats 7   # on a GPU, fp16
+    python bench/p2p_bench.py --model sdxl-random --size 1024 --steps 50 --repeats 3  # SDXL, on a GPU
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ def make_runs(
 ) -> dict[str, Callable[[], None]]:
     """One generation of the two images per variant, all from the same x_T."""
     latent_size = size // model.vae_scale_factor
-    x_t = torch.randn(1, 4, latent_size, latent_size, generator=torch.Generator().manual_seed(0))
+    channels = model.unet.config.in_channels
+    x_t = torch.randn(1, channels, latent_size, latent_size, generator=torch.Generator().manual_seed(0))
     x_t = x_t.to(model.device, model.unet.dtype)
 
     def pipeline() -> None:
@@ -101,6 +105,7 @@ def make_runs(
             width=size,
             num_inference_steps=steps,
             latents=x_t.expand(2, -1, -1, -1),
+            guidance_scale=p2p.GUIDANCE_SCALE,  # SDXL's pipeline defaults to 5: the same images
             output_type="np",
         )
 
@@ -182,6 +187,8 @@ def main() -> None:
         ratios = [took / base for took, base in zip(seconds[edit], pipeline, strict=True)]
         summary[f"{edit}_over_pipeline_time"] = spread(ratios)
         summary[f"{edit}_over_pipeline_memory"] = max(peaks[edit]) / max(peaks["pipeline"]) if cuda else "n/a"
+    if cuda:
+        summary["p2p_total_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     print(json.dumps(summary))
 
 

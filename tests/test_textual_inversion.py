@@ -139,7 +139,7 @@ def test_loss_goes_down_on_a_fixed_batch(tiny_pipe, tmp_path, image_folder):
 
     def fixed_batch_loss():
         torch.manual_seed(1)  # the same noise every time
-        embeddings = wrapper.encode_prompt([f"a photo of a {TOKEN}"] * 2)
+        embeddings, _ = wrapper.encode_prompt([f"a photo of a {TOKEN}"] * 2)
         return ti.compute_standard_diffusion_loss(wrapper, latents, timesteps, embeddings)
 
     losses = []
@@ -321,3 +321,79 @@ def test_command_line_trains_the_tiny_pipeline(tmp_path, image_folder, monkeypat
 def test_an_unreachable_model_says_how_to_work_offline():
     with pytest.raises(OSError, match="HF_HUB_OFFLINE=1.*'tiny'"):
         ptp_utils.load_pipeline("nobody/no-such-model", device="cpu")
+
+
+@pytest.mark.parametrize("num_vectors", [1, 2])
+def test_sdxl_learns_a_row_in_both_encoders_that_the_stock_calls_load(tmp_path, image_folder, num_vectors):
+    wrapper = ti.StableDiffusionWrapper(ptp_utils.make_sdxl_tiny_pipeline())
+    rows_before = [e.get_input_embeddings().weight.detach().clone() for e in wrapper.text_encoders]
+    tokens = ti.multi_vector_tokens(TOKEN, num_vectors)
+    ti.textual_inversion(wrapper, make_config(image_folder, tmp_path, placeholder_tokens=tokens))
+
+    saved = load_file(tmp_path / ti.EMBEDS_FILE)
+    assert set(saved) == {"clip_l", "clip_g"}
+    for key, tokenizer, text_encoder, before in zip(
+        ("clip_l", "clip_g"), wrapper.tokenizers, wrapper.text_encoders, rows_before
+    ):
+        weight = text_encoder.get_input_embeddings().weight.detach().cpu()
+        assert torch.equal(weight[: len(before)], before)  # every other row as it was
+        assert torch.equal(saved[key], weight[tokenizer.convert_tokens_to_ids(tokens)])
+        initializer_row = weight[tokenizer.convert_tokens_to_ids("ball</w>")]
+        assert all(not torch.equal(row, initializer_row) for row in saved[key])  # trained
+
+    prompt = f"a photo of {TOKEN} on a table"
+    ours = wrapper([prompt], generator=torch.Generator().manual_seed(3), num_inference_steps=3)
+    # diffusers' documented SDXL loading: one call per text encoder, with its tokenizer.
+    stock = ptp_utils.make_sdxl_tiny_pipeline().to(wrapper.device)
+    embeddings = load_file(tmp_path / ti.EMBEDS_FILE)
+    stock.load_textual_inversion(
+        embeddings["clip_l"], token=TOKEN, text_encoder=stock.text_encoder, tokenizer=stock.tokenizer
+    )
+    stock.load_textual_inversion(
+        embeddings["clip_g"], token=TOKEN, text_encoder=stock.text_encoder_2, tokenizer=stock.tokenizer_2
+    )
+    sampling = dict(num_inference_steps=3, guidance_scale=ti.GUIDANCE_SCALE)  # SDXL's default is 5
+    theirs = stock(prompt, generator=torch.Generator().manual_seed(3), **sampling).images
+    reloaded = ti.StableDiffusionWrapper(ptp_utils.make_sdxl_tiny_pipeline().to(wrapper.device))
+    reloaded.load_textual_inversion(tmp_path / ti.EMBEDS_FILE, token=TOKEN)
+    again = reloaded([prompt], generator=torch.Generator().manual_seed(3), num_inference_steps=3)
+    untrained = ptp_utils.make_sdxl_tiny_pipeline().to(wrapper.device)
+    before = untrained(prompt, generator=torch.Generator().manual_seed(3), **sampling).images
+
+    assert np.array_equal(np.asarray(ours[0]), np.asarray(theirs[0]))
+    assert np.array_equal(np.asarray(ours[0]), np.asarray(again[0]))
+    assert not np.array_equal(np.asarray(ours[0]), np.asarray(before[0]))
+
+
+def test_sdxl_training_conditions_as_the_pipeline_does():
+    pipe = ptp_utils.make_sdxl_tiny_pipeline()
+    wrapper = ti.StableDiffusionWrapper(pipe)
+    prompts = ["a photo of a ball", "a cat"]
+    with torch.no_grad():
+        embeddings, added = wrapper.encode_prompt(prompts)
+        expected, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(embeddings, expected)
+    torch.testing.assert_close(added["text_embeds"], pooled)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # (original size, crop corner, target size)
+    assert added["time_ids"].tolist() == [[size, size, 0, 0, size, size]] * 2
+
+
+def test_v_prediction_loss_regresses_the_velocity():
+    wrapper = ti.StableDiffusionWrapper(ptp_utils.make_sd2_tiny_pipeline())
+    assert wrapper.scheduler.config.prediction_type == "v_prediction"
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([100, 700])
+    with torch.no_grad():
+        embeddings, _ = wrapper.encode_prompt(["a photo of a ball"] * 2)
+        torch.manual_seed(1)
+        loss = ti.compute_standard_diffusion_loss(wrapper, latents, timesteps, embeddings)
+        torch.manual_seed(1)
+        noise = torch.randn_like(latents)  # the loss's own draw
+        prediction = wrapper.predict_noise(
+            timesteps, wrapper.scheduler.add_noise(latents, noise, timesteps), embeddings
+        )
+    # v = sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x_0 (Salimans & Ho 2022), written out here.
+    alpha_bar = wrapper.scheduler.alphas_cumprod[timesteps][:, None, None, None]
+    velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(prediction, velocity))
+    assert not torch.allclose(loss, torch.nn.functional.mse_loss(prediction, noise))
