@@ -416,8 +416,9 @@ def load_pipeline(
     raises OSError: what failed, and the ways out.
     """
     import diffusers
+    import transformers  # noqa: F401  (imported first so that silence_third_party reaches its loading bars)
 
-    cli.silence_third_party()  # now that diffusers and transformers are imported: their loading bars
+    cli.silence_third_party()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if model_id == "shapes":
