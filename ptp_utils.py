@@ -78,6 +78,15 @@ SCHEDULERS = {
 }
 SCHEDULER_GRID_STEPS = (10, 25, 50)
 CLIP_MAX_LENGTH = 77
+# OpenAI's CLIP ViT-L/14 text encoder: SD 1.x's, and SDXL's first.
+CLIP_VIT_L_SIZES = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
 MIN_FONT_SIZE = 6
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # The CLIP vocabulary: 256 byte symbols, the same with an end-of-word marker, 48,894 merges, BOS, EOS.
@@ -183,15 +192,7 @@ def make_sd1_random_pipeline() -> StableDiffusionPipeline:
         latent_channels=4,
         sample_size=512,
     )
-    text_encoder = make_clip_text_encoder(
-        tokenizer,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        hidden_act="quick_gelu",
-        projection_dim=768,
-    )
+    text_encoder = make_clip_text_encoder(tokenizer, **CLIP_VIT_L_SIZES)
     return assemble_pipeline(vae, text_encoder, unet, tokenizer)
 
 
@@ -302,15 +303,7 @@ def make_sdxl_random_pipeline() -> StableDiffusionXLPipeline:
         sample_size=1024,
         scaling_factor=0.13025,
     )
-    text_encoder = make_clip_text_encoder(
-        tokenizer,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        hidden_act="quick_gelu",
-        projection_dim=768,
-    )
+    text_encoder = make_clip_text_encoder(tokenizer, **CLIP_VIT_L_SIZES)
     text_encoder_2 = make_clip_text_encoder(
         tokenizer_2,
         with_projection=True,
