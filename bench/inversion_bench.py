@@ -36,12 +36,23 @@ WARM_UP_STEPS = 2
 GB = 2**30
 
 
+def process_status_bytes(field: str) -> int:
+    """Linux: a size in /proc/self/status (VmRSS: resident now; VmHWM: its peak since the last reset
+    through /proc/self/clear_refs), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field} line: the resident size needs Linux")
+
+
+def resident_bytes() -> int:
+    """Linux: the process's resident size now."""
+    return process_status_bytes("VmRSS")
+
+
 def peak_resident_bytes() -> int:
     """Linux: the process's peak resident size since the last reset through /proc/self/clear_refs."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("/proc/self/status has no VmHWM line: the peak resident size needs Linux")
+    return process_status_bytes("VmHWM")
 
 
 def invert(model, method: str, image: np.ndarray, steps: int, inner_steps: int) -> None:

@@ -10,15 +10,17 @@
 
 One process loads the model and runs every variant once to warm up; then each of --repeats rounds
 runs the pipeline and every edit once, in turn (interleaved: a slow spell of a shared machine
-touches them all). Each edit's time is divided by the pipeline's of the same round: min, median
-and max of those ratios over the rounds. Peak memory of a run, on CUDA: torch's max_memory_allocated
-over what was allocated before it; on the CPU it is not measured (n/a): the allocator keeps freed
-memory for the next run, so the peak resident size of one process does not separate the variants.
-On CUDA the total peak (weights included) says whether an edit fits a card (`p2p_total_peak_gb`).
+touches them all; each round starts one variant later than the last, so none always runs first).
+Each edit's time is divided by the pipeline's of the same round: min, median and max of those
+ratios over the rounds. Peak memory of a run, on CUDA: torch's max_memory_allocated over what was
+allocated before it. On the CPU the allocator keeps freed memory for the next run, so one process
+cannot separate the variants: with --memory each variant runs once more in a fresh process of its
+own (Linux), and its peak resident size over the size before the run is its peak memory. On CUDA
+the total peak (weights included) says whether an edit fits a card (`p2p_total_peak_gb`).
 Prints a table, then the figures as JSON, last.
 
     python bench/p2p_bench.py                                                # tiny pipeline, 64 px
-    python bench/p2p_bench.py --model sd1-random --size 256 --steps 5 --repeats 3
+    python bench/p2p_bench.py --model sd1-random --size 256 --steps 5 --repeats 3 --memory
     python bench/p2p_bench.py --model sd1-random --size 512 --steps 50 --repeats 7   # on a GPU, fp16
     python bench/p2p_bench.py --model sdxl-random --size 1024 --steps 50 --repeats 3  # SDXL, on a GPU
 """
@@ -26,6 +28,7 @@ Prints a table, then the figures as JSON, last.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -41,6 +44,7 @@ import torch  # noqa: E402
 
 import prompt2prompt as p2p  # noqa: E402
 import ptp_utils  # noqa: E402
+from inversion_bench import peak_resident_bytes, resident_bytes  # noqa: E402
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -134,6 +138,18 @@ def timed(run: Callable[[], None], cuda: bool) -> tuple[float, float | None]:
     return seconds, (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
 
 
+def fresh_process_peak(model_id: str, edit: str, size: int, steps: int) -> float:
+    """MB: the peak resident size of one run of `edit` (or "pipeline") in this fresh process, over
+    the process's size before the run (Linux). Its first run: nothing freed earlier is reused."""
+    model = ptp_utils.load_pipeline(model_id, "cpu")
+    model.set_progress_bar_config(disable=True)
+    run = make_runs(model, [] if edit == "pipeline" else [edit], size, steps)[edit]
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident size restarts now
+    before = resident_bytes()
+    run()
+    return (peak_resident_bytes() - before) / 2**20
+
+
 def spread(values: list[float]) -> dict[str, float]:
     """Min, median and max."""
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
@@ -149,6 +165,11 @@ def main() -> None:
     )
     parser.add_argument("--edits", nargs="+", choices=EDITS, default=DEFAULT_EDITS, help="edits to time")
     parser.add_argument("--device", help="cuda or cpu; None: cuda when available")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="on the CPU, also run each variant once in a fresh process for its peak memory (Linux)",
+    )
     args = parser.parse_args()
 
     model = ptp_utils.load_pipeline_or_exit(args.model, args.device)
@@ -162,16 +183,22 @@ def main() -> None:
         run()
     seconds = {name: [] for name in runs}
     peaks = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            took, peak = timed(run, cuda)
+    names = list(runs)
+    for round_ in range(args.repeats):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            took, peak = timed(runs[name], cuda)
             seconds[name].append(took)
             peaks[name].append(peak)
+    if args.memory and not cuda:
+        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            for name in names:
+                peaks[name] = [pool.apply(fresh_process_peak, (args.model, name, args.size, args.steps))]
+    measured = cuda or args.memory
 
     device = torch.cuda.get_device_name(model.device) if cuda else "cpu"
     for name in runs:
         low, mid, high = spread(seconds[name]).values()
-        memory = f"peak {statistics.median(peaks[name]):.0f} MB" if cuda else "peak n/a"
+        memory = f"peak {statistics.median(peaks[name]):.0f} MB" if measured else "peak n/a"
         print(f"{name:>9}: {mid:.3f} s (min {low:.3f}, max {high:.3f}), {memory} ({device})")
     summary = {
         "model": args.model,
@@ -186,7 +213,9 @@ def main() -> None:
     for edit in [name for name in runs if name != "pipeline"]:
         ratios = [took / base for took, base in zip(seconds[edit], pipeline, strict=True)]
         summary[f"{edit}_over_pipeline_time"] = spread(ratios)
-        summary[f"{edit}_over_pipeline_memory"] = max(peaks[edit]) / max(peaks["pipeline"]) if cuda else "n/a"
+        summary[f"{edit}_over_pipeline_memory"] = (
+            max(peaks[edit]) / max(peaks["pipeline"]) if measured else "n/a"
+        )
     if cuda:
         summary["p2p_total_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     print(json.dumps(summary))
