@@ -590,6 +590,7 @@ def background_change(
 
 
 BLEND_PLACES = ("rim", "in_region", "outside_region")
+OUTLINE = (255, 0, 255)  # the blend region's edge in the figures: no background or object colour
 
 
 def background_change_by_place(
@@ -675,10 +676,12 @@ def local_blend_study(model: StableDiffusionPipeline, n: int, steps: int, out: P
             kept.append(row)
             progress.update()
         if len(rows) <= 6:
-            captions = [source, f"P2P: {target}", f"local blend: {target}", "its blend region, lit"]
-            lit = np.where(region[..., None], images["local_blend"], images["local_blend"] // 3)
+            captions = [source, f"P2P: {target}", f"local blend: {target}", "its blend region, outlined"]
+            outside = torch.from_numpy(~region)[None].float()
+            edge = region & F.max_pool2d(outside, kernel_size=3, stride=1, padding=1)[0].bool().numpy()
+            outlined = np.where(edge[..., None], np.array(OUTLINE, np.uint8), images["local_blend"])
             save_edit_figure(
-                out / f"local_blend_{len(rows) - 1:03d}.png", [src, *images.values(), lit], captions
+                out / f"local_blend_{len(rows) - 1:03d}.png", [src, *images.values(), outlined], captions
             )
     progress.close()
     report = {}
