@@ -31,8 +31,8 @@
                     pixels (outside both images' objects) that change by more than 10 levels, whether
                     the other object keeps its colour, shape and mask (IoU >= 0.8), the swap's success;
                     the change when the swapped object is the caption's first or second
-                    (*_background_change_first, _second); local_blend_region: the share of the
-                    image inside the blend region at the last step; local_blend_background_change_rim,
+                    (*_first, *_second); local_blend_region: the share of the image inside the
+                    blend region at the last step; local_blend_background_change_rim,
                     _in_region, _outside_region: its change split among pixels within one pixel of
                     an object (the anti-aliased rim), the rest of the region, and outside the region.
 
@@ -689,11 +689,11 @@ def local_blend_study(model: StableDiffusionPipeline, n: int, steps: int, out: P
         report[f"{name}_background_change"] = float(np.mean([r[f"{name}_background_change"] for r in rows]))
         report[f"{name}_other_object_kept"] = float(np.mean([r[f"{name}_other_object_kept"] for r in kept]))
         report[f"{name}_swap_success"] = float(np.mean([r[f"{name}_swap_success"] for r in rows]))
-        for swapped, which in enumerate(("first", "second")):
-            changes = [r[f"{name}_background_change"] for r in rows if r["swapped"] == swapped]
-            report[f"{name}_background_change_{which}"] = float(np.mean(changes))
     for key in ("local_blend_region", *(f"local_blend_background_change_{p}" for p in BLEND_PLACES)):
         report[key] = float(np.mean([r[key] for r in rows]))
+    for key in ("local_blend_background_change", "p2p_background_change", "local_blend_region"):
+        for swapped, which in enumerate(("first", "second")):
+            report[f"{key}_{which}"] = float(np.mean([r[key] for r in rows if r["swapped"] == swapped]))
     report |= {"local_blend_scenes": len(rows), "local_blend_two_object_sources": len(kept)}
     return report
 
