@@ -30,9 +30,9 @@
                     on that object's colour and shape words (p2p_*: without): the share of background
                     pixels (outside both images' objects) that change by more than 10 levels, whether
                     the other object keeps its colour, shape and mask (IoU >= 0.8), the swap's success;
-                    the change when the swapped object is the caption's first or second
-                    (*_first, *_second); local_blend_region: the share of the image inside the
-                    blend region at the last step; local_blend_background_change_rim,
+                    local_blend_region: the share of the image inside the blend region at the last
+                    step; *_first, *_second: the change and the region when the swapped object is
+                    the caption's first or second; local_blend_background_change_rim,
                     _in_region, _outside_region: its change split among pixels within one pixel of
                     an object (the anti-aliased rim), the rest of the region, and outside the region.
 
