@@ -233,7 +233,9 @@ class LocalBlend:
     exceeds `threshold` of its maximum, in the source or in the target; `threshold` may be a
     (source, target) pair. The region of `substruct_words` is kept out of the edit. Blending starts
     after `start_blend` of the steps. `words` and `substruct_words` hold one entry per prompt (a
-    word or a list of words).
+    word or a list of words). After each blended step, `mask` holds the region the targets took from
+    their own latents, (targets, 1, height, width) booleans at the latent's size (None before the
+    first): the region to draw over an edit.
     """
 
     def __init__(
@@ -255,6 +257,7 @@ class LocalBlend:
         self.word_weights = torch.stack([self.weights(prompts, ws, tokenizer) for ws in word_sets], dim=1)
         self.thresholds = torch.tensor([thresholds[0]] + [thresholds[1]] * (len(prompts) - 1))
         self.start_blend = start_blend
+        self.mask: torch.Tensor | None = None
 
     @staticmethod
     def weights(
@@ -293,8 +296,8 @@ class LocalBlend:
         regions = regions / regions.amax(dim=(2, 3), keepdim=True).clamp(min=1e-12)
         regions = regions.gt(self.thresholds[:, None, None, None])
         regions = regions[:1] | regions[1:]  # the region in the source or in the target
-        mask = regions[:, :1] & ~regions[:, 1:].any(1, keepdim=True)
-        return torch.cat([x_t[:1], torch.where(mask, x_t[1:], x_t[:1])])
+        self.mask = regions[:, :1] & ~regions[:, 1:].any(1, keepdim=True)
+        return torch.cat([x_t[:1], torch.where(self.mask, x_t[1:], x_t[:1])])
 
 
 class AttentionControlEdit(AttentionStore, abc.ABC):

@@ -29,7 +29,12 @@
   local_blend_*     shape swaps of one object of two-object scenes, AttentionReplace with a LocalBlend
                     on that object's colour and shape words (p2p_*: without): the share of background
                     pixels (outside both images' objects) that change by more than 10 levels, whether
-                    the other object keeps its colour, shape and mask (IoU >= 0.8), the swap's success.
+                    the other object keeps its colour, shape and mask (IoU >= 0.8), the swap's success;
+                    local_blend_region: the share of the image inside the blend region at the last
+                    step; *_first, *_second: the change and the region when the swapped object is
+                    the caption's first or second; local_blend_background_change_rim,
+                    _in_region, _outside_region: its change split among pixels within one pixel of
+                    an object (the anti-aliased rim), the rest of the region, and outside the region.
 
 Prints one JSON object last; --json writes it to a file too.
 
@@ -55,6 +60,7 @@ import cli  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -564,14 +570,41 @@ def reweight_study(model: StableDiffusionPipeline, n: int, steps: int, out: Path
     }
 
 
+def changed_background(
+    source: np.ndarray, edit: np.ndarray, seen_source: Judgement, seen_edit: Judgement
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean maps of the background (outside both images' objects) and of its pixels that change by
+    more than BACKGROUND_LEVELS in any channel from source to edit."""
+    background = ~(objects_mask(seen_source) | objects_mask(seen_edit))
+    changed = (np.abs(source.astype(int) - edit.astype(int)) > BACKGROUND_LEVELS).any(-1) & background
+    return background, changed
+
+
 def background_change(
     source: np.ndarray, edit: np.ndarray, seen_source: Judgement, seen_edit: Judgement
 ) -> float:
     """The share of background pixels (outside both images' objects) that change by more than
     BACKGROUND_LEVELS in any channel from source to edit."""
-    background = ~(objects_mask(seen_source) | objects_mask(seen_edit))
-    changed = (np.abs(source.astype(int) - edit.astype(int)) > BACKGROUND_LEVELS).any(-1)
-    return float(changed[background].mean()) if background.any() else 0.0
+    background, changed = changed_background(source, edit, seen_source, seen_edit)
+    return float(changed.sum() / background.sum()) if background.any() else 0.0
+
+
+BLEND_PLACES = ("rim", "in_region", "outside_region")
+OUTLINE = (255, 0, 255)  # the blend region's edge in the figures: no background or object colour
+
+
+def background_change_by_place(
+    source: np.ndarray, edit: np.ndarray, seen_source: Judgement, seen_edit: Judgement, region: np.ndarray
+) -> dict[str, float]:
+    """background_change split by where the changed pixels lie: within one pixel of an object of either
+    image (the anti-aliased rim the judge leaves out of the objects), else inside `region` (a blend
+    region at the image's size), else outside it."""
+    background, changed = changed_background(source, edit, seen_source, seen_edit)
+    objects = torch.from_numpy(~background)[None].float()
+    rim = F.max_pool2d(objects, kernel_size=3, stride=1, padding=1)[0].bool().numpy()
+    places = dict(zip(BLEND_PLACES, (rim, ~rim & region, ~rim & ~region), strict=True))
+    total = max(background.sum(), 1)
+    return {place: float((changed & where).sum() / total) for place, where in places.items()}
 
 
 def keeps_object(seen: Judgement, obj: JudgedObject) -> bool:
@@ -624,10 +657,16 @@ def local_blend_study(model: StableDiffusionPipeline, n: int, steps: int, out: P
                 model, [source, target], controller, steps, GUIDANCE, generator, latent=x_t
             )
         seen_src = judge(src)
-        row = {}
+        # The region the edit took from its own latents at the last step, at the image's size.
+        region = blends["local_blend"].mask[0, 0].cpu().numpy()
+        region = np.kron(region, np.ones((IMAGE_SIZE // region.shape[0],) * 2, bool))
+        row = {"swapped": k, "local_blend_region": float(region.mean())}
         for name, edit in images.items():
             seen_edit = judge(edit)
             row[f"{name}_background_change"] = background_change(src, edit, seen_src, seen_edit)
+            if blends[name] is not None:
+                places = background_change_by_place(src, edit, seen_src, seen_edit, region)
+                row |= {f"{name}_background_change_{place}": share for place, share in places.items()}
             swapped = [o for o in seen_edit.objects if o.shape == new and o.colour == obj.colour]
             row[f"{name}_swap_success"] = bool(swapped)
             if len(seen_src.objects) == 2:
@@ -637,14 +676,24 @@ def local_blend_study(model: StableDiffusionPipeline, n: int, steps: int, out: P
             kept.append(row)
             progress.update()
         if len(rows) <= 6:
-            captions = [source, f"P2P: {target}", f"local blend: {target}"]
-            save_edit_figure(out / f"local_blend_{len(rows) - 1:03d}.png", [src, *images.values()], captions)
+            captions = [source, f"P2P: {target}", f"local blend: {target}", "its blend region, outlined"]
+            outside = torch.from_numpy(~region)[None].float()
+            edge = region & F.max_pool2d(outside, kernel_size=3, stride=1, padding=1)[0].bool().numpy()
+            outlined = np.where(edge[..., None], np.array(OUTLINE, np.uint8), images["local_blend"])
+            save_edit_figure(
+                out / f"local_blend_{len(rows) - 1:03d}.png", [src, *images.values(), outlined], captions
+            )
     progress.close()
     report = {}
     for name in ("local_blend", "p2p"):
         report[f"{name}_background_change"] = float(np.mean([r[f"{name}_background_change"] for r in rows]))
         report[f"{name}_other_object_kept"] = float(np.mean([r[f"{name}_other_object_kept"] for r in kept]))
         report[f"{name}_swap_success"] = float(np.mean([r[f"{name}_swap_success"] for r in rows]))
+    for key in ("local_blend_region", *(f"local_blend_background_change_{p}" for p in BLEND_PLACES)):
+        report[key] = float(np.mean([r[key] for r in rows]))
+    for key in ("local_blend_background_change", "p2p_background_change", "local_blend_region"):
+        for swapped, which in enumerate(("first", "second")):
+            report[f"{key}_{which}"] = float(np.mean([r[key] for r in rows if r["swapped"] == swapped]))
     report |= {"local_blend_scenes": len(rows), "local_blend_two_object_sources": len(kept)}
     return report
 

@@ -418,7 +418,10 @@ def test_local_blend_starts_at_its_share_of_the_steps(tokenizer):
     maps[:, 1, 4, CAT] = 1
     blend = p2p.LocalBlend([SOURCE, SOURCE], ["cat", "cat"], tokenizer, start_blend=0.5)
     torch.testing.assert_close(blend_latents(blend, [maps], step=1, num_steps=4), torch.ones(4, 6))
+    assert blend.mask is None
     torch.testing.assert_close(blend_latents(blend, [maps], step=2, num_steps=4), block((1, 4)))
+    assert blend.mask.shape == (1, 1, 4, 6)
+    assert torch.equal(blend.mask[0, 0], block((1, 4)).bool())  # the region the target kept its own
 
 
 @pytest.mark.parametrize(
