@@ -23,7 +23,7 @@
                     success when the judge reads the asked size with the source's colour, shape,
                     background and place; layout IoU against the source; plain_refine_* regenerates
                     the targets from the same x_T. The targets take the source's latents for the
-                    first --refine-shared-steps, chosen on --refine-seed REFINE_DEV_SEED's scenes.
+                    first --refine-shared-steps, chosen on other scenes (--refine-seed's help).
   reweight_*        "a large red circle ..." against itself with AttentionReweight, the weight of
                     "large" at 0, 1, 2 and 4: reweight_monotonic is the share of scenes in which the
                     main object's area never shrinks along the weights and ends larger than it began.
@@ -461,19 +461,21 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / union) if union else 1.0
 
 
-def keeps_all_but(seen: Judgement, source: Judgement, **changed: str) -> bool:
-    """Whether the judge reads the source's main object in `seen`, with the `changed` attributes
-    (size=..., shape=...) instead of the source's: colour, shape, size, background, and place (box
-    centre within POSITION_TOLERANCE)."""
+def differences(seen: Judgement, source: Judgement, **changed: str) -> list[str]:
+    """What the judge reads wrong in `seen` against the source's main object, the `changed` attributes
+    (size=..., shape=...) wanted instead of the source's: "object" when either has none, else any of
+    "colour", "shape", "size", "background" and "place" (box centre beyond POSITION_TOLERANCE). None:
+    the source's object kept with the changes asked."""
     main, before = main_object(seen), main_object(source)
     if main is None or before is None:
-        return False
+        return ["object"]
     wanted = {key: changed.get(key, getattr(before, key)) for key in ("colour", "shape", "size")}
-    return (
-        all(getattr(main, key) == value for key, value in wanted.items())
-        and seen.background == source.background
-        and np.hypot(*np.subtract(box_centre(main.mask), box_centre(before.mask))) <= POSITION_TOLERANCE
-    )
+    wrong = [key for key, value in wanted.items() if getattr(main, key) != value]
+    if seen.background != source.background:
+        wrong.append("background")
+    if np.hypot(*np.subtract(box_centre(main.mask), box_centre(before.mask))) > POSITION_TOLERANCE:
+        wrong.append("place")
+    return wrong
 
 
 def save_edit_figure(path: Path, images: list[np.ndarray], captions: list[str]) -> None:
@@ -515,12 +517,20 @@ def refine_study(
         (src, *edits), x_t = p2p.text2image_ldm(model, prompts, controller, steps, GUIDANCE, generator)
         plains, _ = p2p.text2image_ldm(model, targets, p2p.EmptyControl(), steps, GUIDANCE, latent=x_t)
         seen_src = judge(src)
+        source_size = getattr(main_object(seen_src), "size", None)
         for size, edit, plain in zip(SIZES, edits, plains, strict=True):
             seen_edit, seen_plain = judge(edit), judge(plain)
+            wrong, plain_wrong = (
+                differences(seen_edit, seen_src, size=size),
+                differences(seen_plain, seen_src, size=size),
+            )
             rows.append(
                 dict(
-                    success=keeps_all_but(seen_edit, seen_src, size=size),
-                    plain_success=keeps_all_but(seen_plain, seen_src, size=size),
+                    success=not wrong,
+                    plain_success=not plain_wrong,
+                    wrong=wrong,
+                    plain_wrong=plain_wrong,
+                    resized=size != source_size,
                     iou=layout_iou(seen_src, seen_edit),
                     plain_iou=layout_iou(seen_src, seen_plain),
                 )
@@ -531,6 +541,12 @@ def refine_study(
     return {
         "refine_success": float(np.mean([r["success"] for r in rows])),
         "plain_refine_success": float(np.mean([r["plain_success"] for r in rows])),
+        # The edits that ask for the other size than the source's, and what the failed edits got wrong.
+        "refine_success_resized": float(np.mean([r["success"] for r in rows if r["resized"]])),
+        "plain_refine_success_resized": float(np.mean([r["plain_success"] for r in rows if r["resized"]])),
+        "refine_resized_edits": sum(r["resized"] for r in rows),
+        "refine_wrong": dict(Counter(key for r in rows for key in r["wrong"])),
+        "plain_refine_wrong": dict(Counter(key for r in rows for key in r["plain_wrong"])),
         "refine_layout_iou": float(np.mean([r["iou"] for r in rows])),
         "plain_refine_layout_iou": float(np.mean([r["plain_iou"] for r in rows])),
         "refine_scenes": n,
