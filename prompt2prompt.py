@@ -50,8 +50,8 @@ SELF_REPLACE_STEPS = 0.4
 # The share of the first steps in which the targets take the source's latents before following their
 # own prompts: none in the paper's edits. A refinement that changes the object itself ("a small ...")
 # keeps its place this way: on Shapes World the place is fixed in the first steps by the UNet's
-# convolutions, which attention injection does not reach; sharing them moves fewer objects, and later
-# steps still change the size (docs/benchmarks.md, chosen on scenes apart from those measured).
+# convolutions, which attention injection does not reach. Sharing 15 % moved fewer objects, though more
+# kept the source's size (docs/benchmarks.md; chosen on scenes apart from those measured).
 SHARED_STEPS = 0.0
 REFINE_SHARED_STEPS = 0.15
 SOURCE_PROMPT = "photo of a cat riding on a bicycle."
@@ -308,8 +308,8 @@ class AttentionControlEdit(AttentionStore, abc.ABC):
     """Inject the source's attention into the targets: cross-attention through `replace_cross_attention`
     for a share of the steps (per word if asked), self-attention (layers at the latent's side / 4 and
     coarser: 16x16 and 8x8 on SD 1.x at 512 px) for another. The attribute `shared_steps` (default
-    SHARED_STEPS, none) is the share of the first steps after which every target takes the source's
-    latents: REFINE_SHARED_STEPS keeps the source's layout in a refinement.
+    SHARED_STEPS, none) is the share of the steps, from the first, at whose end every target takes
+    the source's latents: REFINE_SHARED_STEPS keeps the source's layout in a refinement.
 
     Prompt 0 is the source; prompts 1.. are targets.
     """
