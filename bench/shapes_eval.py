@@ -22,7 +22,8 @@
                     background"), refined with AttentionRefine to "a small ..." and "a large ...":
                     success when the judge reads the asked size with the source's colour, shape,
                     background and place; layout IoU against the source; plain_refine_* regenerates
-                    the targets from the same x_T.
+                    the targets from the same x_T. The targets take the source's latents for the
+                    first --refine-shared-steps, chosen on other scenes (--refine-seed's help).
   reweight_*        "a large red circle ..." against itself with AttentionReweight, the weight of
                     "large" at 0, 1, 2 and 4: reweight_monotonic is the share of scenes in which the
                     main object's area never shrinks along the weights and ends larger than it began.
@@ -47,6 +48,7 @@ Prints one JSON object last; --json writes it to a file too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import tempfile
@@ -123,6 +125,8 @@ KEPT_IOU = 0.8  # an untouched object keeps its mask when source and edit overla
 # Base seeds of the studies; the data set was drawn with seed 0 (shapes_train.py).
 ADHERENCE_SEED, P2P_SEED, TI_SEED, INVERSION_SEED = 101, 202, 303, 404
 REFINE_SEED, REWEIGHT_SEED, BLEND_SEED = 505, 606, 707
+# The refinement's settings (REFINE_SHARED_STEPS) were chosen on other scenes: --refine-seed of this + 1000.
+REFINE_DEV_SEED = REFINE_SEED + 1000
 
 
 def load_cpu_model(model_id: str) -> StableDiffusionPipeline:
@@ -463,19 +467,21 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / union) if union else 1.0
 
 
-def keeps_all_but(seen: Judgement, source: Judgement, **changed: str) -> bool:
-    """Whether the judge reads the source's main object in `seen`, with the `changed` attributes
-    (size=..., shape=...) instead of the source's: colour, shape, size, background, and place (box
-    centre within POSITION_TOLERANCE)."""
+def differences(seen: Judgement, source: Judgement, **changed: str) -> list[str]:
+    """What the judge reads wrong in `seen` against the source's main object, the `changed` attributes
+    (size=..., shape=...) wanted instead of the source's: "object" when either has none, else any of
+    "colour", "shape", "size", "background" and "place" (box centre beyond POSITION_TOLERANCE). None:
+    the source's object kept with the changes asked."""
     main, before = main_object(seen), main_object(source)
     if main is None or before is None:
-        return False
+        return ["object"]
     wanted = {key: changed.get(key, getattr(before, key)) for key in ("colour", "shape", "size")}
-    return (
-        all(getattr(main, key) == value for key, value in wanted.items())
-        and seen.background == source.background
-        and np.hypot(*np.subtract(box_centre(main.mask), box_centre(before.mask))) <= POSITION_TOLERANCE
-    )
+    wrong = [key for key, value in wanted.items() if getattr(main, key) != value]
+    if seen.background != source.background:
+        wrong.append("background")
+    if np.hypot(*np.subtract(box_centre(main.mask), box_centre(before.mask))) > POSITION_TOLERANCE:
+        wrong.append("place")
+    return wrong
 
 
 def save_edit_figure(path: Path, images: list[np.ndarray], captions: list[str]) -> None:
@@ -487,11 +493,19 @@ def save_edit_figure(path: Path, images: list[np.ndarray], captions: list[str]) 
     ptp_utils.view_images(tiles, save_path=path)
 
 
-def refine_study(model: StableDiffusionPipeline, n: int, steps: int, out: Path) -> dict:
+def refine_study(
+    model: StableDiffusionPipeline,
+    n: int,
+    steps: int,
+    out: Path,
+    seed: int = REFINE_SEED,
+    shared_steps: float = p2p.REFINE_SHARED_STEPS,
+) -> dict:
     """Refinement by a size word: "a red circle ..." to "a small red circle ..." and "a large ...",
-    with AttentionRefine and with plain regeneration of the targets from the same x_T."""
+    with AttentionRefine (the targets on the source's latents for the first `shared_steps`) and with
+    plain regeneration of the targets from the same x_T; scenes and noise drawn from `seed`."""
     rows = []
-    for i, scene in enumerate(tqdm(scenes_of(n, REFINE_SEED, objects=1), desc="refine")):
+    for i, scene in enumerate(tqdm(scenes_of(n, seed, objects=1), desc="refine")):
         obj = scene.objects[0]
         source = make_caption([obj], scene.background, with_size=False)
         targets = [make_caption([dataclasses.replace(obj, size=size)], scene.background) for size in SIZES]
@@ -504,16 +518,25 @@ def refine_study(model: StableDiffusionPipeline, n: int, steps: int, out: Path) 
             tokenizer=model.tokenizer,
             device=model.device,
         )
-        generator = torch.Generator().manual_seed(REFINE_SEED + i)
+        controller.shared_steps = shared_steps
+        generator = torch.Generator().manual_seed(seed + i)
         (src, *edits), x_t = p2p.text2image_ldm(model, prompts, controller, steps, GUIDANCE, generator)
         plains, _ = p2p.text2image_ldm(model, targets, p2p.EmptyControl(), steps, GUIDANCE, latent=x_t)
         seen_src = judge(src)
+        source_size = getattr(main_object(seen_src), "size", None)
         for size, edit, plain in zip(SIZES, edits, plains, strict=True):
             seen_edit, seen_plain = judge(edit), judge(plain)
+            wrong, plain_wrong = (
+                differences(seen_edit, seen_src, size=size),
+                differences(seen_plain, seen_src, size=size),
+            )
             rows.append(
                 dict(
-                    success=keeps_all_but(seen_edit, seen_src, size=size),
-                    plain_success=keeps_all_but(seen_plain, seen_src, size=size),
+                    success=not wrong,
+                    plain_success=not plain_wrong,
+                    wrong=wrong,
+                    plain_wrong=plain_wrong,
+                    resized=size != source_size,
                     iou=layout_iou(seen_src, seen_edit),
                     plain_iou=layout_iou(seen_src, seen_plain),
                 )
@@ -524,10 +547,18 @@ def refine_study(model: StableDiffusionPipeline, n: int, steps: int, out: Path) 
     return {
         "refine_success": float(np.mean([r["success"] for r in rows])),
         "plain_refine_success": float(np.mean([r["plain_success"] for r in rows])),
+        # The edits that ask for the other size than the source's, and what the failed edits got wrong.
+        "refine_success_resized": float(np.mean([r["success"] for r in rows if r["resized"]])),
+        "plain_refine_success_resized": float(np.mean([r["plain_success"] for r in rows if r["resized"]])),
+        "refine_resized_edits": sum(r["resized"] for r in rows),
+        "refine_wrong": dict(Counter(key for r in rows for key in r["wrong"])),
+        "plain_refine_wrong": dict(Counter(key for r in rows for key in r["plain_wrong"])),
         "refine_layout_iou": float(np.mean([r["iou"] for r in rows])),
         "plain_refine_layout_iou": float(np.mean([r["plain_iou"] for r in rows])),
         "refine_scenes": n,
         "refine_edits": len(rows),
+        "refine_seed": seed,
+        "refine_shared_steps": shared_steps,
     }
 
 
@@ -727,6 +758,19 @@ def main() -> None:
         default=STEPS,
         help="DDIM steps of refine, reweight and local_blend",
     )
+    parser.add_argument(
+        "--refine-seed",
+        type=int,
+        default=REFINE_SEED,
+        help=f"base seed of the refine scenes ({REFINE_DEV_SEED}: the scenes the refinement's settings "
+        "were chosen on)",
+    )
+    parser.add_argument(
+        "--refine-shared-steps",
+        type=cli.fraction,
+        default=p2p.REFINE_SHARED_STEPS,
+        help="refine: share of the first steps in which the targets take the source's latents",
+    )
     parser.add_argument("--swaps", nargs="+", choices=SWAPS, default=SWAPS, help="word swaps of these kinds")
     parser.add_argument(
         "--background-self-replace",
@@ -773,7 +817,8 @@ def main() -> None:
             args.inner_steps,
             figures,
         )
-    edit_studies = {"refine": refine_study, "reweight": reweight_study, "local_blend": local_blend_study}
+    refine = functools.partial(refine_study, seed=args.refine_seed, shared_steps=args.refine_shared_steps)
+    edit_studies = {"refine": refine, "reweight": reweight_study, "local_blend": local_blend_study}
     for part, study in edit_studies.items():
         if part in args.parts:
             report |= study(model, 2 if args.quick else args.edit_scenes, args.edit_steps, figures)

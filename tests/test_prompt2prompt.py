@@ -563,6 +563,27 @@ def test_command_line_writes_the_side_by_side_edit(tmp_path):
     assert width == 2 * 32 + int(height * 0.02)  # two 32 px images and view_images' default gap
 
 
+def test_shared_steps_give_the_targets_the_source_latents_for_that_share_of_the_steps(tiny_pipe):
+    prompts = [SOURCE, "a fluffy cat riding a bicycle"]
+    controller = p2p.AttentionRefine(prompts, STEPS, 0.8, 0.4, tokenizer=tiny_pipe.tokenizer)
+    controller.shared_steps = 0.5
+    latents, step_callback = [], controller.step_callback
+    controller.step_callback = lambda x_t: latents.append(step_callback(x_t)) or latents[-1]
+    p2p.text2image_ldm(tiny_pipe, prompts, controller, STEPS, latent=noise(tiny_pipe))
+    assert [torch.equal(x_t[0], x_t[1]) for x_t in latents] == [True, True, False, False]
+
+
+def test_command_line_refinement_shares_refine_shared_steps_unless_told(tmp_path, monkeypatch):
+    monkeypatch.setattr(p2p, "REFINE_SHARED_STEPS", 1.0)  # all steps shared: the target is the source
+    out = tmp_path / "edit.png"
+    args = ["--model", "tiny", "--steps", "3", "--out", str(out), "--source", SOURCE]
+    for extra, same in (([], True), (["--shared-steps", "0"], False)):
+        p2p.main([*args, "--target", "a fluffy cat riding a bicycle", *extra])
+        grid = np.asarray(Image.open(out))
+        gap = int(grid.shape[0] * 0.02)
+        assert np.array_equal(grid[:32, :32], grid[:32, 32 + gap : 64 + gap]) == same
+
+
 def test_command_line_sweep_draws_the_source_and_one_image_per_scale(tmp_path):
     out = tmp_path / "sweep.png"
     p2p.main(
