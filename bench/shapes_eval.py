@@ -38,6 +38,8 @@ Prints one JSON object last; --json writes it to a file too.
     python bench/shapes_eval.py                 # the full evaluation (docs/shapes_world.md's figures)
     python bench/shapes_eval.py --quick         # a few of each, to check the plumbing
     python bench/shapes_eval.py --parts inversion --inversion-steps 20 --threads 1   # inversion alone
+    python bench/shapes_eval.py --parts inversion --inversion-steps 20 --threads 1 \
+        --inversion-seed 1404 --inversion-scenes 24   # its development scenes
     python bench/shapes_eval.py --parts refine reweight local_blend --edit-steps 20 --threads 1
 """
 
@@ -121,6 +123,8 @@ KEPT_IOU = 0.8  # an untouched object keeps its mask when source and edit overla
 # Base seeds of the studies; the data set was drawn with seed 0 (shapes_train.py).
 ADHERENCE_SEED, P2P_SEED, TI_SEED, INVERSION_SEED = 101, 202, 303, 404
 REFINE_SEED, REWEIGHT_SEED, BLEND_SEED = 505, 606, 707
+# Settings are chosen on scenes of a study's seed plus this (development), and reported on its own (test).
+DEV_SEED_OFFSET = 1000
 
 
 def load_cpu_model(model_id: str) -> StableDiffusionPipeline:
@@ -410,15 +414,22 @@ def real_edit(
     return edit
 
 
-def inversion_study(model: StableDiffusionPipeline, n: int, steps: int, inner_steps: int, out: Path) -> dict:
+def inversion_study(
+    model: StableDiffusionPipeline,
+    n: int,
+    steps: int,
+    inner_steps: int,
+    out: Path,
+    seed: int = INVERSION_SEED,
+) -> dict:
     """Rendered pictures inverted by each method: reconstruction PSNR, seconds, and real-picture edits."""
     seconds = {method: [] for method in INVERSION_METHODS}
     psnrs = {method: [] for method in ("vae_roundtrip", *INVERSION_METHODS)}
     success = {method: [] for method in (*INVERSION_METHODS, RECORD_EDIT)}
     iou = {method: [] for method in (*INVERSION_METHODS, RECORD_EDIT)}
-    for i, scene in enumerate(tqdm(one_object_scenes(n, INVERSION_SEED), desc="inversion")):
+    for i, scene in enumerate(tqdm(one_object_scenes(n, seed), desc="inversion")):
         image, caption = render(scene), scene.caption
-        target, shape = shape_swap(scene, np.random.default_rng([INVERSION_SEED, i]))
+        target, shape = shape_swap(scene, np.random.default_rng([seed, i]))
         seen_image = judge(image)
         vae = ptp_utils.latent2image(model.vae, p2p.image2latent(model, image))[0]
         psnrs["vae_roundtrip"].append(psnr(vae, image))
@@ -474,6 +485,7 @@ def inversion_study(model: StableDiffusionPipeline, n: int, steps: int, inner_st
         np.median(seconds["null_text"]) / np.median(seconds["negative_prompt"])
     )
     report |= {"inversion_scenes": n, "inversion_steps": steps, "inversion_inner_steps": inner_steps}
+    report["inversion_seed"] = seed
     return report
 
 
@@ -716,6 +728,13 @@ def main() -> None:
     )
     parser.add_argument("--inversion-steps", type=int, default=STEPS, help="DDIM steps of inversion and edit")
     parser.add_argument(
+        "--inversion-seed",
+        type=int,
+        default=INVERSION_SEED,
+        help="seed of the inversion's scenes: the default is the test split; choose methods on others "
+        f"(the development split: {INVERSION_SEED + DEV_SEED_OFFSET})",
+    )
+    parser.add_argument(
         "--inner-steps", type=int, default=p2p.NUM_INNER_STEPS, help="null-text optimisation steps per step"
     )
     args = parser.parse_args()
@@ -749,6 +768,7 @@ def main() -> None:
             args.inversion_steps,
             args.inner_steps,
             figures,
+            args.inversion_seed,
         )
     edit_studies = {"refine": refine_study, "reweight": reweight_study, "local_blend": local_blend_study}
     for part, study in edit_studies.items():
