@@ -593,6 +593,24 @@ def encode_conditions(
     return embeddings, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(embeddings), 1)}
 
 
+def with_source_tokens(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], embeddings: torch.Tensor
+) -> torch.Tensor:
+    """The prompts' text embeddings (len(prompts), 77, dim), each later prompt taking the first's at
+    every token the two share: the tokens (start and end included) that the global alignment of the
+    two token sequences pairs. Only the changed words keep their own embeddings, and the padding.
+
+    A causal text encoder gives every token after a changed word a new embedding; guidance amplifies
+    that difference, and an edit from an inverted picture drifts in colour and background."""
+    embeddings = embeddings.clone()
+    source = tokenizer.encode(prompts[0])
+    for k, prompt in enumerate(prompts[1:], 1):
+        for j, i in enumerate(seq_aligner.align_tokens(source, tokenizer.encode(prompt))):
+            if i >= 0:  # aligned tokens are equal tokens: a mismatch (-1) scores below two gaps (0)
+                embeddings[k, j] = embeddings[0, i]
+    return embeddings
+
+
 @torch.no_grad()
 def text2image_ldm(
     model: StableDiffusionPipeline,
@@ -607,6 +625,7 @@ def text2image_ldm(
     height: int | None = None,
     width: int | None = None,
     uncond_embeddings: list[torch.Tensor] | None = None,
+    keep_source_tokens: bool = False,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Generate one image per prompt from one shared x_T, with `controller` on every attention layer.
 
@@ -614,9 +633,11 @@ def text2image_ldm(
     carries. A negative prompt replaces the empty prompt of the unconditional branch;
     `uncond_embeddings` (one (1, 77, dim) embedding per step, from an inversion of a real image)
     replace it step by step, the same for every prompt (on SDXL, its text embeddings: the pooled
-    embedding stays the negative prompt's). SD 1.x, 2.x and SDXL alike: with EmptyControl the
-    images are those of the model's own diffusers pipeline. Returns (uint8 images of shape
-    (B, H, W, 3), x_T).
+    embedding stays the negative prompt's). With `keep_source_tokens` the later prompts take the
+    first prompt's text embedding at every token they share (with_source_tokens), so that only the
+    changed words differ (SDXL's pooled embedding stays each prompt's). SD 1.x, 2.x and SDXL alike:
+    with EmptyControl the images are those of the model's own diffusers pipeline. Returns (uint8
+    images of shape (B, H, W, 3), x_T).
     """
     prompt = [prompt] if isinstance(prompt, str) else list(prompt)
     if num_inference_steps <= 0:
@@ -642,6 +663,9 @@ def text2image_ldm(
 
     context, added_cond_kwargs = encode_conditions(model, prompt, negative_prompt, height, width)
     cond_embeddings = context[len(prompt) :]
+    if keep_source_tokens:
+        cond_embeddings = with_source_tokens(model.tokenizer, prompt, cond_embeddings)
+        context = torch.cat([context[: len(prompt)], cond_embeddings])
     latent, latents = ptp_utils.init_latent(latent, model, height, width, generator, len(prompt))
     model.scheduler.set_timesteps(num_inference_steps, device=model.device)
     latents = latents * model.scheduler.init_noise_sigma
@@ -1157,6 +1181,13 @@ def main(argv: list[str] | None = None) -> None:
         f"source's layout (default: {REFINE_SHARED_STEPS} with --edit refine, {SHARED_STEPS} otherwise)",
     )
     parser.add_argument(
+        "--keep-source-tokens",
+        action="store_true",
+        help="the target takes the source's text embedding at every token they share, so only the "
+        "changed words differ (the text encoder is causal: a swapped word changes every later token); "
+        "keeps colour and background in edits of an --image picture",
+    )
+    parser.add_argument(
         "--display-size",
         type=cli.positive_int,
         metavar="PX",
@@ -1285,6 +1316,7 @@ def main(argv: list[str] | None = None) -> None:
         x_t,
         low_resource=args.low_resource,
         uncond_embeddings=uncond_embeddings,
+        keep_source_tokens=args.keep_source_tokens,
     )
     if photo is not None:  # the source row is the reconstruction: the inverted x_T denoised with --source
         images = [np.asarray(load_image(model, photo)), *images]

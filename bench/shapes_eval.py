@@ -16,8 +16,10 @@
                     null-text inversion: the PSNR of the reconstruction (guidance 7.5) against the
                     picture, with the VAE's own round trip (vae_roundtrip_psnr) as the ceiling, and
                     seconds per picture of each method. real_edit_success: a shape swap made with
-                    Prompt-to-Prompt on the null-text inversion is judged the new shape with the
-                    picture's colour, background and position; real_edit_layout_iou against the picture.
+                    Prompt-to-Prompt on the null-text inversion, the target keeping the source's
+                    text embedding at its unchanged tokens (keep_source_tokens), is judged the new
+                    shape with the picture's colour, background and position; real_edit_layout_iou
+                    against the picture; real_edit_by_method: each inversion's plain swap too.
   refine_*          --edit-scenes one-object captions without a size word ("a red circle on a black
                     background"), refined with AttentionRefine to "a small ..." and "a large ...":
                     success when the judge reads the asked size with the source's colour, shape,
@@ -42,6 +44,8 @@ Prints one JSON object last; --json writes it to a file too.
     python bench/shapes_eval.py                 # the full evaluation (docs/shapes_world.md's figures)
     python bench/shapes_eval.py --quick         # a few of each, to check the plumbing
     python bench/shapes_eval.py --parts inversion --inversion-steps 20 --threads 1   # inversion alone
+    python bench/shapes_eval.py --parts inversion --inversion-steps 20 --threads 1 \
+        --inversion-seed 1404 --inversion-scenes 24   # its development scenes
     python bench/shapes_eval.py --parts refine reweight local_blend --edit-steps 20 --threads 1
 """
 
@@ -114,6 +118,8 @@ TI_LR = 5e-3
 TI_BATCH = 8
 INVERSION_SCENES = 100
 INVERSION_METHODS = ("ddim", "negative_prompt", "null_text")
+# The real-picture edit of record: null-text inversion's, with text2image_ldm's keep_source_tokens.
+RECORD_EDIT = "null_text_keep_source_tokens"
 # An edited object is in the picture's place when its box's centre is this close (pixels): the
 # named positions are jittered by 3 px, and every shape fills its box, so a swap keeps the centre.
 POSITION_TOLERANCE = 3.0
@@ -125,8 +131,8 @@ KEPT_IOU = 0.8  # an untouched object keeps its mask when source and edit overla
 # Base seeds of the studies; the data set was drawn with seed 0 (shapes_train.py).
 ADHERENCE_SEED, P2P_SEED, TI_SEED, INVERSION_SEED = 101, 202, 303, 404
 REFINE_SEED, REWEIGHT_SEED, BLEND_SEED = 505, 606, 707
-# The refinement's settings (REFINE_SHARED_STEPS) were chosen on other scenes: --refine-seed of this + 1000.
-REFINE_DEV_SEED = REFINE_SEED + 1000
+# Settings are chosen on scenes of a study's seed plus this (development), and reported on its own (test).
+DEV_SEED_OFFSET = 1000
 
 
 def load_cpu_model(model_id: str) -> StableDiffusionPipeline:
@@ -386,23 +392,62 @@ def invert(
     return p2p.NullInversion(model, steps, GUIDANCE).invert(image, caption, inner_steps)
 
 
-def inversion_study(model: StableDiffusionPipeline, n: int, steps: int, inner_steps: int, out: Path) -> dict:
+def real_edit(
+    model: StableDiffusionPipeline,
+    prompts: list[str],
+    steps: int,
+    x_t: torch.Tensor,
+    uncond_embeddings: list[torch.Tensor] | None,
+    keep_source_tokens: bool = False,
+) -> np.ndarray:
+    """The target's image of a word swap (AttentionReplace, the editor's injection) from an inversion."""
+    controller = p2p.AttentionReplace(
+        prompts,
+        steps,
+        p2p.CROSS_REPLACE_STEPS,
+        p2p.SELF_REPLACE_STEPS,
+        tokenizer=model.tokenizer,
+        device=model.device,
+    )
+    (_, edit), _ = p2p.text2image_ldm(
+        model,
+        prompts,
+        controller,
+        steps,
+        GUIDANCE,
+        latent=x_t,
+        uncond_embeddings=uncond_embeddings,
+        keep_source_tokens=keep_source_tokens,
+    )
+    return edit
+
+
+def inversion_study(
+    model: StableDiffusionPipeline,
+    n: int,
+    steps: int,
+    inner_steps: int,
+    out: Path,
+    seed: int = INVERSION_SEED,
+) -> dict:
     """Rendered pictures inverted by each method: reconstruction PSNR, seconds, and real-picture edits."""
     seconds = {method: [] for method in INVERSION_METHODS}
     psnrs = {method: [] for method in ("vae_roundtrip", *INVERSION_METHODS)}
-    success = {method: [] for method in INVERSION_METHODS}
-    iou = {method: [] for method in INVERSION_METHODS}
-    for i, scene in enumerate(tqdm(one_object_scenes(n, INVERSION_SEED), desc="inversion")):
+    success = {method: [] for method in (*INVERSION_METHODS, RECORD_EDIT)}
+    iou = {method: [] for method in (*INVERSION_METHODS, RECORD_EDIT)}
+    for i, scene in enumerate(tqdm(one_object_scenes(n, seed), desc="inversion")):
         image, caption = render(scene), scene.caption
-        target, shape = shape_swap(scene, np.random.default_rng([INVERSION_SEED, i]))
+        target, shape = shape_swap(scene, np.random.default_rng([seed, i]))
         seen_image = judge(image)
         vae = ptp_utils.latent2image(model.vae, p2p.image2latent(model, image))[0]
         psnrs["vae_roundtrip"].append(psnr(vae, image))
         tiles = [(image, caption), (vae, "VAE round trip")]
+        inversions = {}
         for method in INVERSION_METHODS:  # interleaved: each picture is inverted by every method in turn
             started = time.perf_counter()
             x_t, uncond_embeddings = invert(model, method, image, caption, steps, inner_steps)
             seconds[method].append(time.perf_counter() - started)
+            inversions[method] = x_t, uncond_embeddings
             (rebuilt,), _ = p2p.text2image_ldm(
                 model,
                 [caption],
@@ -413,28 +458,18 @@ def inversion_study(model: StableDiffusionPipeline, n: int, steps: int, inner_st
                 uncond_embeddings=uncond_embeddings,
             )
             psnrs[method].append(psnr(rebuilt, image))
-            controller = p2p.AttentionReplace(
-                [caption, target],
-                steps,
-                p2p.CROSS_REPLACE_STEPS,
-                p2p.SELF_REPLACE_STEPS,
-                tokenizer=model.tokenizer,
-                device=model.device,
-            )
-            (_, edit), _ = p2p.text2image_ldm(
-                model,
-                [caption, target],
-                controller,
-                steps,
-                GUIDANCE,
-                latent=x_t,
-                uncond_embeddings=uncond_embeddings,
-            )
+            edit = real_edit(model, [caption, target], steps, x_t, uncond_embeddings)
             seen_edit = judge(edit)
             success[method].append(keeps_all_but_the_shape(seen_edit, scene, shape))
             iou[method].append(layout_iou(seen_image, seen_edit))
             name = method.replace("_", "-")
             tiles += [(rebuilt, name), (edit, f"{name}, P2P: {target}")]
+        # The edit of record: from the null-text inversion, the target keeping the source's tokens.
+        edit = real_edit(model, [caption, target], steps, *inversions["null_text"], keep_source_tokens=True)
+        seen_edit = judge(edit)
+        success[RECORD_EDIT].append(keeps_all_but_the_shape(seen_edit, scene, shape))
+        iou[RECORD_EDIT].append(layout_iou(seen_image, seen_edit))
+        tiles.append((edit, f"null-text, source tokens kept: {target}"))
         if i < 12:
             captioned = [
                 ptp_utils.text_under_image(np.kron(t, np.ones((2, 2, 1), np.uint8)), c) for t, c in tiles
@@ -443,12 +478,12 @@ def inversion_study(model: StableDiffusionPipeline, n: int, steps: int, inner_st
 
     report = {f"inversion_psnr_{method}": float(np.mean(psnrs[method])) for method in INVERSION_METHODS}
     report["vae_roundtrip_psnr"] = float(np.mean(psnrs["vae_roundtrip"]))
-    # The edit of record is null-text inversion's; the others for comparison.
-    report["real_edit_success"] = float(np.mean(success["null_text"]))
-    report["real_edit_layout_iou"] = float(np.mean(iou["null_text"]))
+    # The edit of record; each method's plain edit for comparison.
+    report["real_edit_success"] = float(np.mean(success[RECORD_EDIT]))
+    report["real_edit_layout_iou"] = float(np.mean(iou[RECORD_EDIT]))
     report["real_edit_by_method"] = {
         method: {"success": float(np.mean(success[method])), "layout_iou": float(np.mean(iou[method]))}
-        for method in INVERSION_METHODS
+        for method in success
     }
     report["inversion_seconds_per_image"] = {
         method: {key: float(f(times)) for key, f in (("min", np.min), ("median", np.median), ("max", np.max))}
@@ -458,6 +493,7 @@ def inversion_study(model: StableDiffusionPipeline, n: int, steps: int, inner_st
         np.median(seconds["null_text"]) / np.median(seconds["negative_prompt"])
     )
     report |= {"inversion_scenes": n, "inversion_steps": steps, "inversion_inner_steps": inner_steps}
+    report["inversion_seed"] = seed
     return report
 
 
@@ -762,8 +798,8 @@ def main() -> None:
         "--refine-seed",
         type=int,
         default=REFINE_SEED,
-        help=f"base seed of the refine scenes ({REFINE_DEV_SEED}: the scenes the refinement's settings "
-        "were chosen on)",
+        help="base seed of the refine scenes: the default is the test split; the refinement's settings "
+        f"were chosen on the development split, {REFINE_SEED + DEV_SEED_OFFSET}",
     )
     parser.add_argument(
         "--refine-shared-steps",
@@ -782,6 +818,13 @@ def main() -> None:
         "--inversion-scenes", type=int, default=INVERSION_SCENES, help="rendered pictures to invert"
     )
     parser.add_argument("--inversion-steps", type=int, default=STEPS, help="DDIM steps of inversion and edit")
+    parser.add_argument(
+        "--inversion-seed",
+        type=int,
+        default=INVERSION_SEED,
+        help="seed of the inversion's scenes: the default is the test split; choose methods on others "
+        f"(the development split: {INVERSION_SEED + DEV_SEED_OFFSET})",
+    )
     parser.add_argument(
         "--inner-steps", type=int, default=p2p.NUM_INNER_STEPS, help="null-text optimisation steps per step"
     )
@@ -816,6 +859,7 @@ def main() -> None:
             args.inversion_steps,
             args.inner_steps,
             figures,
+            args.inversion_seed,
         )
     refine = functools.partial(refine_study, seed=args.refine_seed, shared_steps=args.refine_shared_steps)
     edit_studies = {"refine": refine, "reweight": reweight_study, "local_blend": local_blend_study}

@@ -122,6 +122,54 @@ def test_the_edit_source_is_the_reconstruction_and_identical_prompts_reproduce_i
         assert_images_close(image, reconstruction)
 
 
+def test_kept_source_tokens_leave_only_the_changed_words_and_the_padding_their_own(tiny_pipe):
+    prompts = [
+        "a blue diamond on a black background",
+        "a blue star on a black background",  # a word swapped: token 3
+        "a blue fluffy diamond on a black background",  # a word added: token 3, the rest one later
+    ]
+    plain = p2p.encode_text(tiny_pipe, prompts)
+    kept = p2p.with_source_tokens(tiny_pipe.tokenizer, prompts, plain)
+    # Tokens: start, a, blue, diamond, on, a, black, background, end (0-8), then padding.
+    assert not torch.allclose(plain[1, 4:9], plain[0, 4:9])  # the causal encoder: every later token changed
+    torch.testing.assert_close(kept[0], plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(kept[1, :3], plain[0, :3], rtol=0, atol=0)
+    torch.testing.assert_close(kept[1, 3], plain[1, 3], rtol=0, atol=0)
+    torch.testing.assert_close(kept[1, 4:9], plain[0, 4:9], rtol=0, atol=0)
+    torch.testing.assert_close(kept[1, 9:], plain[1, 9:], rtol=0, atol=0)
+    torch.testing.assert_close(kept[2, :3], plain[0, :3], rtol=0, atol=0)
+    torch.testing.assert_close(kept[2, 3], plain[2, 3], rtol=0, atol=0)
+    torch.testing.assert_close(kept[2, 4:10], plain[0, 3:9], rtol=0, atol=0)
+    torch.testing.assert_close(kept[2, 10:], plain[2, 10:], rtol=0, atol=0)
+
+
+def test_kept_source_tokens_keep_the_source_and_still_swap_the_word(shapes, null_text):
+    (reconstruction,) = reconstruct(shapes, *null_text)
+    prompts = [SCENE.caption, TARGET]
+    edits = {}
+    for keep in (False, True):
+        controller = p2p.AttentionReplace(
+            prompts, STEPS, p2p.CROSS_REPLACE_STEPS, p2p.SELF_REPLACE_STEPS, tokenizer=shapes.tokenizer
+        )
+        (source, edits[keep]), _ = p2p.text2image_ldm(
+            shapes,
+            prompts,
+            controller,
+            STEPS,
+            GUIDANCE,
+            latent=null_text[0],
+            uncond_embeddings=null_text[1],
+            keep_source_tokens=keep,
+        )
+        assert_images_close(source, reconstruction)
+    edit = edits[True]
+    assert np.abs(edit.astype(int) - edits[False].astype(int)).max() > 0
+    assert np.abs(edit.astype(int) - reconstruction.astype(int)).max() > 64  # the triangle changed
+    seen = sw.judge(edit)
+    assert seen.background == SCENE.background
+    assert sorted((o.colour, o.shape) for o in seen.objects) == [("red", "star"), ("yellow", "diamond")]
+
+
 def test_uncond_embeddings_must_be_one_per_step(tiny_pipe):
     embeddings = [torch.zeros(1, 77, 32)] * (STEPS - 1)
     with pytest.raises(
@@ -278,6 +326,37 @@ def test_a_saved_inversion_loaded_on_the_command_line_gives_the_same_edit(pictur
     assert np.array_equal(tile(inverted, 0), picture)
     assert np.abs(edit.astype(int) - reconstruction.astype(int)).max() > 64
     assert psnr(reconstruction, picture) > psnr(edit, picture) + 1
+
+
+def test_keep_source_tokens_on_the_command_line_is_the_edit_with_kept_tokens(
+    shapes, picture, null_text, tmp_path
+):
+    Image.fromarray(picture).save(tmp_path / "photo.png")
+    p2p.save_inversion(tmp_path / "inversion.safetensors", *null_text)
+    loaded = [
+        "--image",
+        str(tmp_path / "photo.png"),
+        "--load-inversion",
+        str(tmp_path / "inversion.safetensors"),
+    ]
+    figure = edit_on_the_command_line(
+        tmp_path, "kept", *loaded, "--steps", str(STEPS), "--keep-source-tokens"
+    )
+    prompts = [SCENE.caption, TARGET]
+    controller = p2p.AttentionReplace(
+        prompts, STEPS, p2p.CROSS_REPLACE_STEPS, p2p.SELF_REPLACE_STEPS, tokenizer=shapes.tokenizer
+    )
+    (_, edit), _ = p2p.text2image_ldm(
+        shapes,
+        prompts,
+        controller,
+        STEPS,
+        GUIDANCE,
+        latent=null_text[0],
+        uncond_embeddings=null_text[1],
+        keep_source_tokens=True,
+    )
+    assert np.array_equal(tile(figure, 2), edit)
 
 
 def test_grey_and_rgba_pictures_are_converted_on_the_command_line(picture, tmp_path):
