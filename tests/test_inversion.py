@@ -39,7 +39,9 @@ def assert_images_close(a, b, max_levels=2):
     assert np.abs(a.astype(int) - b.astype(int)).max() <= max_levels
 
 
-def reconstruct(pipe, x_t, uncond_embeddings=None, prompts=(SCENE.caption,), controller=None):
+def reconstruct(
+    pipe, x_t, uncond_embeddings=None, prompts=(SCENE.caption,), controller=None, keep_source_tokens=False
+):
     images, _ = p2p.text2image_ldm(
         pipe,
         list(prompts),
@@ -48,8 +50,18 @@ def reconstruct(pipe, x_t, uncond_embeddings=None, prompts=(SCENE.caption,), con
         GUIDANCE,
         latent=x_t,
         uncond_embeddings=uncond_embeddings,
+        keep_source_tokens=keep_source_tokens,
     )
     return images
+
+
+def swap(pipe, x_t, uncond_embeddings, keep_source_tokens=False):
+    """Source and edit of the word swap SCENE.caption -> TARGET from an inversion, the editor's injection."""
+    prompts = [SCENE.caption, TARGET]
+    controller = p2p.AttentionReplace(
+        prompts, STEPS, p2p.CROSS_REPLACE_STEPS, p2p.SELF_REPLACE_STEPS, tokenizer=pipe.tokenizer
+    )
+    return reconstruct(pipe, x_t, uncond_embeddings, prompts, controller, keep_source_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +120,7 @@ def test_null_embeddings_are_one_per_step_and_negative_prompt_uses_the_prompt(sh
 
 def test_the_edit_source_is_the_reconstruction_and_identical_prompts_reproduce_it(shapes, null_text):
     (reconstruction,) = reconstruct(shapes, *null_text)
-    controller = p2p.AttentionReplace(
-        [SCENE.caption, TARGET],
-        STEPS,
-        p2p.CROSS_REPLACE_STEPS,
-        p2p.SELF_REPLACE_STEPS,
-        tokenizer=shapes.tokenizer,
-    )
-    source, edit = reconstruct(shapes, *null_text, prompts=(SCENE.caption, TARGET), controller=controller)
+    source, edit = swap(shapes, *null_text)
     assert_images_close(source, reconstruction)
     assert np.abs(edit.astype(int) - reconstruction.astype(int)).max() > 64  # the triangle changed
     for image in reconstruct(shapes, *null_text, prompts=(SCENE.caption, SCENE.caption)):
@@ -145,22 +150,9 @@ def test_kept_source_tokens_leave_only_the_changed_words_and_the_padding_their_o
 
 def test_kept_source_tokens_keep_the_source_and_still_swap_the_word(shapes, null_text):
     (reconstruction,) = reconstruct(shapes, *null_text)
-    prompts = [SCENE.caption, TARGET]
     edits = {}
     for keep in (False, True):
-        controller = p2p.AttentionReplace(
-            prompts, STEPS, p2p.CROSS_REPLACE_STEPS, p2p.SELF_REPLACE_STEPS, tokenizer=shapes.tokenizer
-        )
-        (source, edits[keep]), _ = p2p.text2image_ldm(
-            shapes,
-            prompts,
-            controller,
-            STEPS,
-            GUIDANCE,
-            latent=null_text[0],
-            uncond_embeddings=null_text[1],
-            keep_source_tokens=keep,
-        )
+        source, edits[keep] = swap(shapes, *null_text, keep_source_tokens=keep)
         assert_images_close(source, reconstruction)
     edit = edits[True]
     assert np.abs(edit.astype(int) - edits[False].astype(int)).max() > 0
@@ -224,20 +216,11 @@ def test_v_and_sample_prediction_invert_as_the_same_noise_model(shapes, picture,
 
 
 def test_saved_and_loaded_inversions_give_the_same_edit(shapes, null_text, tmp_path):
-    controller = p2p.AttentionReplace(
-        [SCENE.caption, TARGET],
-        STEPS,
-        p2p.CROSS_REPLACE_STEPS,
-        p2p.SELF_REPLACE_STEPS,
-        tokenizer=shapes.tokenizer,
-    )
-    before = reconstruct(shapes, *null_text, prompts=(SCENE.caption, TARGET), controller=controller)
+    before = swap(shapes, *null_text)
     p2p.save_inversion(tmp_path / "inversion.safetensors", *null_text)
     x_t, uncond_embeddings = p2p.load_inversion(tmp_path / "inversion.safetensors")
     assert torch.equal(x_t, null_text[0]) and len(uncond_embeddings) == STEPS
-    after = reconstruct(
-        shapes, x_t, uncond_embeddings, prompts=(SCENE.caption, TARGET), controller=controller
-    )
+    after = swap(shapes, x_t, uncond_embeddings)
     assert np.array_equal(before, after)
 
 
@@ -342,20 +325,7 @@ def test_keep_source_tokens_on_the_command_line_is_the_edit_with_kept_tokens(
     figure = edit_on_the_command_line(
         tmp_path, "kept", *loaded, "--steps", str(STEPS), "--keep-source-tokens"
     )
-    prompts = [SCENE.caption, TARGET]
-    controller = p2p.AttentionReplace(
-        prompts, STEPS, p2p.CROSS_REPLACE_STEPS, p2p.SELF_REPLACE_STEPS, tokenizer=shapes.tokenizer
-    )
-    (_, edit), _ = p2p.text2image_ldm(
-        shapes,
-        prompts,
-        controller,
-        STEPS,
-        GUIDANCE,
-        latent=null_text[0],
-        uncond_embeddings=null_text[1],
-        keep_source_tokens=True,
-    )
+    _, edit = swap(shapes, *null_text, keep_source_tokens=True)
     assert np.array_equal(tile(figure, 2), edit)
 
 
