@@ -50,6 +50,11 @@ def resident_bytes() -> int:
     return process_status_bytes("VmRSS")
 
 
+def reset_peak_resident() -> None:
+    """Linux: the process's peak resident size (VmHWM) restarts from its size now."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_resident_bytes() -> int:
     """Linux: the process's peak resident size since the last reset through /proc/self/clear_refs."""
     return process_status_bytes("VmHWM")
@@ -107,7 +112,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             else:
-                Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident size restarts now
+                reset_peak_resident()
             started = time.perf_counter()
             invert(model, method, image, args.steps, args.inner_steps)
             if cuda:

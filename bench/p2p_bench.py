@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 import prompt2prompt as p2p  # noqa: E402
 import ptp_utils  # noqa: E402
-from inversion_bench import peak_resident_bytes, resident_bytes  # noqa: E402
+from inversion_bench import peak_resident_bytes, reset_peak_resident, resident_bytes  # noqa: E402
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -144,7 +144,7 @@ def fresh_process_peak(model_id: str, edit: str, size: int, steps: int) -> float
     model = ptp_utils.load_pipeline(model_id, "cpu")
     model.set_progress_bar_config(disable=True)
     run = make_runs(model, [] if edit == "pipeline" else [edit], size, steps)[edit]
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident size restarts now
+    reset_peak_resident()
     before = resident_bytes()
     run()
     return (peak_resident_bytes() - before) / 2**20

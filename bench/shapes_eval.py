@@ -660,6 +660,12 @@ BLEND_PLACES = ("rim", "in_region", "outside_region")
 OUTLINE = (255, 0, 255)  # the blend region's edge in the figures: no background or object colour
 
 
+def dilated(mask: np.ndarray) -> np.ndarray:
+    """A boolean (H, W) mask grown by one pixel in every direction (diagonals included)."""
+    grown = F.max_pool2d(torch.from_numpy(mask)[None].float(), kernel_size=3, stride=1, padding=1)
+    return grown[0].bool().numpy()
+
+
 def background_change_by_place(
     source: np.ndarray, edit: np.ndarray, seen_source: Judgement, seen_edit: Judgement, region: np.ndarray
 ) -> dict[str, float]:
@@ -667,8 +673,7 @@ def background_change_by_place(
     image (the anti-aliased rim the judge leaves out of the objects), else inside `region` (a blend
     region at the image's size), else outside it."""
     background, changed = changed_background(source, edit, seen_source, seen_edit)
-    objects = torch.from_numpy(~background)[None].float()
-    rim = F.max_pool2d(objects, kernel_size=3, stride=1, padding=1)[0].bool().numpy()
+    rim = dilated(~background)
     places = dict(zip(BLEND_PLACES, (rim, ~rim & region, ~rim & ~region), strict=True))
     total = max(background.sum(), 1)
     return {place: float((changed & where).sum() / total) for place, where in places.items()}
@@ -744,8 +749,7 @@ def local_blend_study(model: StableDiffusionPipeline, n: int, steps: int, out: P
             progress.update()
         if len(rows) <= 6:
             captions = [source, f"P2P: {target}", f"local blend: {target}", "its blend region, outlined"]
-            outside = torch.from_numpy(~region)[None].float()
-            edge = region & F.max_pool2d(outside, kernel_size=3, stride=1, padding=1)[0].bool().numpy()
+            edge = region & dilated(~region)
             outlined = np.where(edge[..., None], np.array(OUTLINE, np.uint8), images["local_blend"])
             save_edit_figure(
                 out / f"local_blend_{len(rows) - 1:03d}.png", [src, *images.values(), outlined], captions
