@@ -19,7 +19,10 @@
                     Prompt-to-Prompt on the null-text inversion, the target keeping the source's
                     text embedding at its unchanged tokens (keep_source_tokens), is judged the new
                     shape with the picture's colour, background and position; real_edit_layout_iou
-                    against the picture; real_edit_by_method: each inversion's plain swap too.
+                    against the picture; real_edit_by_method: each inversion's plain swap too, and
+                    "generated": the same swap on a picture the model generated from noise with the
+                    same caption, judged alike against that picture (size aside): what this model's
+                    Prompt-to-Prompt swap reaches without an inversion.
   refine_*          --edit-scenes one-object captions without a size word ("a red circle on a black
                     background"), refined with AttentionRefine to "a small ..." and "a large ...":
                     success when the judge reads the asked size with the source's colour, shape,
@@ -120,6 +123,7 @@ INVERSION_SCENES = 100
 INVERSION_METHODS = ("ddim", "negative_prompt", "null_text")
 # The real-picture edit of record: null-text inversion's, with text2image_ldm's keep_source_tokens.
 RECORD_EDIT = "null_text_keep_source_tokens"
+GENERATED_EDIT = "generated"  # the same swaps on pictures the model generated: no inversion
 # An edited object is in the picture's place when its box's centre is this close (pixels): the
 # named positions are jittered by 3 px, and every shape fills its box, so a swap keeps the centre.
 POSITION_TOLERANCE = 3.0
@@ -422,6 +426,28 @@ def real_edit(
     return edit
 
 
+def generated_swap(
+    model: StableDiffusionPipeline, prompts: list[str], shape: str, steps: int, seed: int
+) -> tuple[bool, float]:
+    """The same swap on a picture the model draws from the noise of `seed`: whether the judge reads the
+    new shape with the source's colour, background and place (the criteria of real_edit_success, size
+    aside), and the layout IoU. What Prompt-to-Prompt reaches on this model when no inversion is in
+    the way: the reference for the real-picture swap."""
+    controller = p2p.AttentionReplace(
+        prompts,
+        steps,
+        p2p.CROSS_REPLACE_STEPS,
+        p2p.SELF_REPLACE_STEPS,
+        tokenizer=model.tokenizer,
+        device=model.device,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    (src, edit), _ = p2p.text2image_ldm(model, prompts, controller, steps, GUIDANCE, generator)
+    seen_src, seen_edit = judge(src), judge(edit)
+    wrong = [key for key in differences(seen_edit, seen_src, shape=shape) if key != "size"]
+    return not wrong, layout_iou(seen_src, seen_edit)
+
+
 def inversion_study(
     model: StableDiffusionPipeline,
     n: int,
@@ -433,8 +459,8 @@ def inversion_study(
     """Rendered pictures inverted by each method: reconstruction PSNR, seconds, and real-picture edits."""
     seconds = {method: [] for method in INVERSION_METHODS}
     psnrs = {method: [] for method in ("vae_roundtrip", *INVERSION_METHODS)}
-    success = {method: [] for method in (*INVERSION_METHODS, RECORD_EDIT)}
-    iou = {method: [] for method in (*INVERSION_METHODS, RECORD_EDIT)}
+    success = {method: [] for method in (*INVERSION_METHODS, RECORD_EDIT, GENERATED_EDIT)}
+    iou = {method: [] for method in (*INVERSION_METHODS, RECORD_EDIT, GENERATED_EDIT)}
     for i, scene in enumerate(tqdm(one_object_scenes(n, seed), desc="inversion")):
         image, caption = render(scene), scene.caption
         target, shape = shape_swap(scene, np.random.default_rng([seed, i]))
@@ -470,6 +496,9 @@ def inversion_study(
         success[RECORD_EDIT].append(keeps_all_but_the_shape(seen_edit, scene, shape))
         iou[RECORD_EDIT].append(layout_iou(seen_image, seen_edit))
         tiles.append((edit, f"null-text, source tokens kept: {target}"))
+        generated = generated_swap(model, [caption, target], shape, steps, seed + i)
+        success[GENERATED_EDIT].append(generated[0])
+        iou[GENERATED_EDIT].append(generated[1])
         if i < 12:
             captioned = [
                 ptp_utils.text_under_image(np.kron(t, np.ones((2, 2, 1), np.uint8)), c) for t, c in tiles
@@ -478,7 +507,7 @@ def inversion_study(
 
     report = {f"inversion_psnr_{method}": float(np.mean(psnrs[method])) for method in INVERSION_METHODS}
     report["vae_roundtrip_psnr"] = float(np.mean(psnrs["vae_roundtrip"]))
-    # The edit of record; each method's plain edit for comparison.
+    # The edit of record; each method's plain edit, and the same swaps on generated pictures, for comparison.
     report["real_edit_success"] = float(np.mean(success[RECORD_EDIT]))
     report["real_edit_layout_iou"] = float(np.mean(iou[RECORD_EDIT]))
     report["real_edit_by_method"] = {
