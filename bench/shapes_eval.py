@@ -396,15 +396,17 @@ def invert(
     return p2p.NullInversion(model, steps, GUIDANCE).invert(image, caption, inner_steps)
 
 
-def real_edit(
+def swap(
     model: StableDiffusionPipeline,
     prompts: list[str],
     steps: int,
-    x_t: torch.Tensor,
-    uncond_embeddings: list[torch.Tensor] | None,
+    latent: torch.Tensor | None = None,
+    uncond_embeddings: list[torch.Tensor] | None = None,
     keep_source_tokens: bool = False,
+    generator: torch.Generator | None = None,
 ) -> np.ndarray:
-    """The target's image of a word swap (AttentionReplace, the editor's injection) from an inversion."""
+    """Source and target images of a word swap (AttentionReplace, the editor's injection), from an
+    inversion's x_T and null embeddings or from the noise of `generator`."""
     controller = p2p.AttentionReplace(
         prompts,
         steps,
@@ -413,17 +415,18 @@ def real_edit(
         tokenizer=model.tokenizer,
         device=model.device,
     )
-    (_, edit), _ = p2p.text2image_ldm(
+    images, _ = p2p.text2image_ldm(
         model,
         prompts,
         controller,
         steps,
         GUIDANCE,
-        latent=x_t,
+        generator,
+        latent,
         uncond_embeddings=uncond_embeddings,
         keep_source_tokens=keep_source_tokens,
     )
-    return edit
+    return images
 
 
 def generated_swap(
@@ -433,16 +436,7 @@ def generated_swap(
     new shape with the source's colour, background and place (the criteria of real_edit_success, size
     aside), and the layout IoU. What Prompt-to-Prompt reaches on this model when no inversion is in
     the way: the reference for the real-picture swap."""
-    controller = p2p.AttentionReplace(
-        prompts,
-        steps,
-        p2p.CROSS_REPLACE_STEPS,
-        p2p.SELF_REPLACE_STEPS,
-        tokenizer=model.tokenizer,
-        device=model.device,
-    )
-    generator = torch.Generator().manual_seed(seed)
-    (src, edit), _ = p2p.text2image_ldm(model, prompts, controller, steps, GUIDANCE, generator)
+    src, edit = swap(model, prompts, steps, generator=torch.Generator().manual_seed(seed))
     seen_src, seen_edit = judge(src), judge(edit)
     wrong = [key for key in differences(seen_edit, seen_src, shape=shape) if key != "size"]
     return not wrong, layout_iou(seen_src, seen_edit)
@@ -484,14 +478,14 @@ def inversion_study(
                 uncond_embeddings=uncond_embeddings,
             )
             psnrs[method].append(psnr(rebuilt, image))
-            edit = real_edit(model, [caption, target], steps, x_t, uncond_embeddings)
+            _, edit = swap(model, [caption, target], steps, x_t, uncond_embeddings)
             seen_edit = judge(edit)
             success[method].append(keeps_all_but_the_shape(seen_edit, scene, shape))
             iou[method].append(layout_iou(seen_image, seen_edit))
             name = method.replace("_", "-")
             tiles += [(rebuilt, name), (edit, f"{name}, P2P: {target}")]
         # The edit of record: from the null-text inversion, the target keeping the source's tokens.
-        edit = real_edit(model, [caption, target], steps, *inversions["null_text"], keep_source_tokens=True)
+        _, edit = swap(model, [caption, target], steps, *inversions["null_text"], keep_source_tokens=True)
         seen_edit = judge(edit)
         success[RECORD_EDIT].append(keeps_all_but_the_shape(seen_edit, scene, shape))
         iou[RECORD_EDIT].append(layout_iou(seen_image, seen_edit))
