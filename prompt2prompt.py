@@ -54,6 +54,11 @@ SELF_REPLACE_STEPS = 0.4
 # kept the source's size (docs/benchmarks.md; chosen on scenes apart from those measured).
 SHARED_STEPS = 0.0
 REFINE_SHARED_STEPS = 0.15
+# In an edit from an inversion, how much of each step's fitted null embedding the targets take: 1 as in
+# the paper (one null embedding for the whole batch), 0 for the targets' own unconditional embedding. The
+# null embedding is fitted to land the source on its trajectory; a target that takes all of it drifts
+# with it (docs/real_photos.md).
+TARGET_NULL_WEIGHT = 1.0
 SOURCE_PROMPT = "photo of a cat riding on a bicycle."
 TARGET_PROMPT = "photo of a cat riding on a motorcycle."
 # The Shapes World model (models/shapes) knows only its captions' words: its demo edit uses them.
@@ -626,6 +631,7 @@ def text2image_ldm(
     width: int | None = None,
     uncond_embeddings: list[torch.Tensor] | None = None,
     keep_source_tokens: bool = False,
+    target_null_weight: float = TARGET_NULL_WEIGHT,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Generate one image per prompt from one shared x_T, with `controller` on every attention layer.
 
@@ -635,7 +641,11 @@ def text2image_ldm(
     replace it step by step, the same for every prompt (on SDXL, its text embeddings: the pooled
     embedding stays the negative prompt's). With `keep_source_tokens` the later prompts take the
     first prompt's text embedding at every token they share (with_source_tokens), so that only the
-    changed words differ (SDXL's pooled embedding stays each prompt's). SD 1.x, 2.x and SDXL alike:
+    changed words differ (SDXL's pooled embedding stays each prompt's). With `uncond_embeddings`, each
+    later prompt's unconditional embedding is its own (the empty or negative prompt's) moved
+    `target_null_weight` of the way to the step's null embedding: 1 (the default) shares the null
+    embedding with the targets, as the paper does; the first prompt always takes all of it, so it
+    stays the reconstruction. SD 1.x, 2.x and SDXL alike:
     with EmptyControl the images are those of the model's own diffusers pipeline. Returns (uint8
     images of shape (B, H, W, 3), x_T).
     """
@@ -656,16 +666,20 @@ def text2image_ldm(
             f"uncond_embeddings holds {len(uncond_embeddings)} embeddings but num_inference_steps is "
             f"{num_inference_steps}: pass one per step (invert with as many steps as the edit takes)."
         )
+    if uncond_embeddings is None and target_null_weight != 1:
+        raise ValueError(
+            "target_null_weight weighs the null embeddings of an inversion: pass uncond_embeddings."
+        )
     if isinstance(negative_prompt, str):
         negative_prompt = [negative_prompt] * len(prompt)
     height = height or model.unet.config.sample_size * model.vae_scale_factor
     width = width or model.unet.config.sample_size * model.vae_scale_factor
 
     context, added_cond_kwargs = encode_conditions(model, prompt, negative_prompt, height, width)
-    cond_embeddings = context[len(prompt) :]
+    own_uncond, cond_embeddings = context[: len(prompt)], context[len(prompt) :]
     if keep_source_tokens:
         cond_embeddings = with_source_tokens(model.tokenizer, prompt, cond_embeddings)
-        context = torch.cat([context[: len(prompt)], cond_embeddings])
+        context = torch.cat([own_uncond, cond_embeddings])
     latent, latents = ptp_utils.init_latent(latent, model, height, width, generator, len(prompt))
     model.scheduler.set_timesteps(num_inference_steps, device=model.device)
     latents = latents * model.scheduler.init_noise_sigma
@@ -677,6 +691,9 @@ def text2image_ldm(
             if uncond_embeddings is not None:
                 # One tensor expanded to the batch: every prompt's unconditional branch is the same.
                 null = uncond_embeddings[i].to(cond_embeddings).expand(len(prompt), -1, -1)
+                if target_null_weight != 1:
+                    targets = own_uncond[1:] + target_null_weight * (null[1:] - own_uncond[1:])
+                    null = torch.cat([null[:1], targets])
                 context = torch.cat([null, cond_embeddings])
             latents = ptp_utils.diffusion_step(
                 model,
@@ -1188,6 +1205,15 @@ def main(argv: list[str] | None = None) -> None:
         "keeps colour and background in edits of an --image picture",
     )
     parser.add_argument(
+        "--target-null-weight",
+        type=cli.fraction,
+        default=TARGET_NULL_WEIGHT,
+        metavar="W",
+        help="in edits of an --image picture, the share of each step's fitted null embedding that the "
+        "target takes (1: all of it, as in the paper; 0: none, plain guidance); lower keeps the edit "
+        "from drifting with the source's fit",
+    )
+    parser.add_argument(
         "--display-size",
         type=cli.positive_int,
         metavar="PX",
@@ -1219,6 +1245,11 @@ def main(argv: list[str] | None = None) -> None:
     given = [flag for flag, value in inversion_flags.items() if value]
     if args.image is None and given:
         cli.usage_error(f"{given[0]} inverts a picture: give --image PICTURE and --source, its caption")
+    if args.image is None and args.target_null_weight != TARGET_NULL_WEIGHT:
+        cli.usage_error(
+            "--target-null-weight weighs the null embeddings of an inversion: give --image PICTURE and "
+            "--source, its caption"
+        )
     if args.image is not None:
         if not hasattr(args, "source"):
             cli.usage_error("--image: give --source, the picture's caption (the inversion reconstructs it)")
@@ -1317,6 +1348,7 @@ def main(argv: list[str] | None = None) -> None:
         low_resource=args.low_resource,
         uncond_embeddings=uncond_embeddings,
         keep_source_tokens=args.keep_source_tokens,
+        target_null_weight=args.target_null_weight,
     )
     if photo is not None:  # the source row is the reconstruction: the inverted x_T denoised with --source
         images = [np.asarray(load_image(model, photo)), *images]

@@ -122,7 +122,10 @@ TI_BATCH = 8
 INVERSION_SCENES = 100
 INVERSION_METHODS = ("ddim", "negative_prompt", "null_text")
 # The real-picture edit of record: null-text inversion's, with text2image_ldm's keep_source_tokens.
-RECORD_EDIT = "null_text_keep_source_tokens"
+# The swap of record on a null-text inversion: the target takes half of each step's null embedding
+# (chosen on the development scenes, docs/benchmarks.md); beside it, the target keeping the source's tokens.
+RECORD_EDIT, KEPT_TOKENS_EDIT = "null_text_target_null_weight", "null_text_keep_source_tokens"
+TARGET_NULL_WEIGHT = 0.5
 GENERATED_EDIT = "generated"  # the same swaps on pictures the model generated: no inversion
 # An edited object is in the picture's place when its box's centre is this close (pixels): the
 # named positions are jittered by 3 px, and every shape fills its box, so a swap keeps the centre.
@@ -404,6 +407,7 @@ def swap(
     uncond_embeddings: list[torch.Tensor] | None = None,
     keep_source_tokens: bool = False,
     generator: torch.Generator | None = None,
+    target_null_weight: float = p2p.TARGET_NULL_WEIGHT,
 ) -> np.ndarray:
     """Source and target images of a word swap (AttentionReplace, the editor's injection), from an
     inversion's x_T and null embeddings or from the noise of `generator`."""
@@ -425,6 +429,7 @@ def swap(
         latent,
         uncond_embeddings=uncond_embeddings,
         keep_source_tokens=keep_source_tokens,
+        target_null_weight=target_null_weight,
     )
     return images
 
@@ -449,12 +454,17 @@ def inversion_study(
     inner_steps: int,
     out: Path,
     seed: int = INVERSION_SEED,
+    target_null_weight: float = TARGET_NULL_WEIGHT,
 ) -> dict:
     """Rendered pictures inverted by each method: reconstruction PSNR, seconds, and real-picture edits."""
     seconds = {method: [] for method in INVERSION_METHODS}
     psnrs = {method: [] for method in ("vae_roundtrip", *INVERSION_METHODS)}
-    success = {method: [] for method in (*INVERSION_METHODS, RECORD_EDIT, GENERATED_EDIT)}
-    iou = {method: [] for method in (*INVERSION_METHODS, RECORD_EDIT, GENERATED_EDIT)}
+    null_text_edits = {
+        RECORD_EDIT: dict(target_null_weight=target_null_weight),
+        KEPT_TOKENS_EDIT: dict(keep_source_tokens=True),
+    }
+    success = {method: [] for method in (*INVERSION_METHODS, *null_text_edits, GENERATED_EDIT)}
+    iou = {method: [] for method in (*INVERSION_METHODS, *null_text_edits, GENERATED_EDIT)}
     for i, scene in enumerate(tqdm(one_object_scenes(n, seed), desc="inversion")):
         image, caption = render(scene), scene.caption
         target, shape = shape_swap(scene, np.random.default_rng([seed, i]))
@@ -484,12 +494,12 @@ def inversion_study(
             iou[method].append(layout_iou(seen_image, seen_edit))
             name = method.replace("_", "-")
             tiles += [(rebuilt, name), (edit, f"{name}, P2P: {target}")]
-        # The edit of record: from the null-text inversion, the target keeping the source's tokens.
-        _, edit = swap(model, [caption, target], steps, *inversions["null_text"], keep_source_tokens=True)
-        seen_edit = judge(edit)
-        success[RECORD_EDIT].append(keeps_all_but_the_shape(seen_edit, scene, shape))
-        iou[RECORD_EDIT].append(layout_iou(seen_image, seen_edit))
-        tiles.append((edit, f"null-text, source tokens kept: {target}"))
+        for name, options in null_text_edits.items():
+            _, edit = swap(model, [caption, target], steps, *inversions["null_text"], **options)
+            seen_edit = judge(edit)
+            success[name].append(keeps_all_but_the_shape(seen_edit, scene, shape))
+            iou[name].append(layout_iou(seen_image, seen_edit))
+            tiles.append((edit, f"null-text, {name.removeprefix('null_text_').replace('_', ' ')}: {target}"))
         generated = generated_swap(model, [caption, target], shape, steps, seed + i)
         success[GENERATED_EDIT].append(generated[0])
         iou[GENERATED_EDIT].append(generated[1])
@@ -516,6 +526,7 @@ def inversion_study(
         np.median(seconds["null_text"]) / np.median(seconds["negative_prompt"])
     )
     report |= {"inversion_scenes": n, "inversion_steps": steps, "inversion_inner_steps": inner_steps}
+    report["target_null_weight"] = target_null_weight
     report["inversion_seed"] = seed
     return report
 
@@ -855,6 +866,12 @@ def main() -> None:
     parser.add_argument(
         "--inner-steps", type=int, default=p2p.NUM_INNER_STEPS, help="null-text optimisation steps per step"
     )
+    parser.add_argument(
+        "--target-null-weight",
+        type=float,
+        default=TARGET_NULL_WEIGHT,
+        help="the swap of record: the share of each step's null embedding that the target takes",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -887,6 +904,7 @@ def main() -> None:
             args.inner_steps,
             figures,
             args.inversion_seed,
+            args.target_null_weight,
         )
     refine = functools.partial(refine_study, seed=args.refine_seed, shared_steps=args.refine_shared_steps)
     edit_studies = {"refine": refine, "reweight": reweight_study, "local_blend": local_blend_study}
