@@ -16,12 +16,13 @@
                     null-text inversion: the PSNR of the reconstruction (guidance 7.5) against the
                     picture, with the VAE's own round trip (vae_roundtrip_psnr) as the ceiling, and
                     seconds per picture of each method. real_edit_success: a shape swap made with
-                    Prompt-to-Prompt on the null-text inversion, the target keeping the source's
-                    text embedding at its unchanged tokens (keep_source_tokens), is judged the new
-                    shape with the picture's colour, background and position; real_edit_layout_iou
-                    against the picture; real_edit_by_method: each inversion's plain swap too, and
-                    "generated": the same swap on a picture the model generated from noise with the
-                    same caption, judged alike against that picture (size aside): what this model's
+                    Prompt-to-Prompt on the null-text inversion, the target taking
+                    --target-null-weight of each step's null embedding, is judged the new shape
+                    with the picture's colour, background and position; real_edit_layout_iou
+                    against the picture; real_edit_by_method: each inversion's plain swap too, the
+                    swap keeping the source's tokens (keep_source_tokens), and "generated": the
+                    same swap on a picture the model generated from noise with the same caption,
+                    judged alike against that picture (size aside): what this model's
                     Prompt-to-Prompt swap reaches without an inversion.
   refine_*          --edit-scenes one-object captions without a size word ("a red circle on a black
                     background"), refined with AttentionRefine to "a small ..." and "a large ...":

@@ -39,9 +39,8 @@ def assert_images_close(a, b, max_levels=2):
     assert np.abs(a.astype(int) - b.astype(int)).max() <= max_levels
 
 
-def reconstruct(
-    pipe, x_t, uncond_embeddings=None, prompts=(SCENE.caption,), controller=None, keep_source_tokens=False
-):
+def reconstruct(pipe, x_t, uncond_embeddings=None, prompts=(SCENE.caption,), controller=None, **options):
+    """The prompts' images from an inversion; `options` go to text2image_ldm (keep_source_tokens...)."""
     images, _ = p2p.text2image_ldm(
         pipe,
         list(prompts),
@@ -50,18 +49,18 @@ def reconstruct(
         GUIDANCE,
         latent=x_t,
         uncond_embeddings=uncond_embeddings,
-        keep_source_tokens=keep_source_tokens,
+        **options,
     )
     return images
 
 
-def swap(pipe, x_t, uncond_embeddings, keep_source_tokens=False):
+def swap(pipe, x_t, uncond_embeddings, **options):
     """Source and edit of the word swap SCENE.caption -> TARGET from an inversion, the editor's injection."""
     prompts = [SCENE.caption, TARGET]
     controller = p2p.AttentionReplace(
         prompts, STEPS, p2p.CROSS_REPLACE_STEPS, p2p.SELF_REPLACE_STEPS, tokenizer=pipe.tokenizer
     )
-    return reconstruct(pipe, x_t, uncond_embeddings, prompts, controller, keep_source_tokens)
+    return reconstruct(pipe, x_t, uncond_embeddings, prompts, controller, **options)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +159,35 @@ def test_kept_source_tokens_keep_the_source_and_still_swap_the_word(shapes, null
     seen = sw.judge(edit)
     assert seen.background == SCENE.background
     assert sorted((o.colour, o.shape) for o in seen.objects) == [("red", "star"), ("yellow", "diamond")]
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_the_targets_take_their_share_of_each_null_embedding_and_the_source_all_of_it(
+    shapes, null_text, weight
+):
+    x_t, uncond_embeddings = null_text
+    empty = p2p.encode_text(shapes, [""])
+    weighed = [empty + weight * (u - empty) for u in uncond_embeddings]
+    prompts = (SCENE.caption, TARGET)
+    source, target = reconstruct(shapes, *null_text, prompts=prompts, target_null_weight=weight)
+    assert_images_close(source, reconstruct(shapes, *null_text)[0])
+    assert_images_close(target, reconstruct(shapes, x_t, weighed, prompts=(TARGET,))[0])
+    if weight == 0:  # the target alone under plain guidance: the empty prompt's null embedding
+        assert_images_close(target, reconstruct(shapes, x_t, prompts=(TARGET,))[0])
+
+
+def test_a_swap_with_half_the_null_embedding_keeps_the_source_and_swaps_the_word(shapes, null_text):
+    (reconstruction,) = reconstruct(shapes, *null_text)
+    source, edit = swap(shapes, *null_text, target_null_weight=0.5)
+    assert_images_close(source, reconstruction)
+    seen = sw.judge(edit)
+    assert seen.background == SCENE.background
+    assert sorted((o.colour, o.shape) for o in seen.objects) == [("red", "star"), ("yellow", "diamond")]
+
+
+def test_target_null_weight_needs_the_null_embeddings_of_an_inversion(tiny_pipe):
+    with pytest.raises(ValueError, match="target_null_weight weighs the null embeddings of an inversion"):
+        p2p.text2image_ldm(tiny_pipe, ["a cat", "a dog"], p2p.EmptyControl(), STEPS, target_null_weight=0.5)
 
 
 def test_uncond_embeddings_must_be_one_per_step(tiny_pipe):
@@ -311,8 +339,15 @@ def test_a_saved_inversion_loaded_on_the_command_line_gives_the_same_edit(pictur
     assert psnr(reconstruction, picture) > psnr(edit, picture) + 1
 
 
-def test_keep_source_tokens_on_the_command_line_is_the_edit_with_kept_tokens(
-    shapes, picture, null_text, tmp_path
+@pytest.mark.parametrize(
+    "flags, options",
+    [
+        (["--keep-source-tokens"], dict(keep_source_tokens=True)),
+        (["--target-null-weight", "0.5"], dict(target_null_weight=0.5)),
+    ],
+)
+def test_edit_flags_for_pictures_on_the_command_line_give_the_same_edit(
+    shapes, picture, null_text, tmp_path, flags, options
 ):
     Image.fromarray(picture).save(tmp_path / "photo.png")
     p2p.save_inversion(tmp_path / "inversion.safetensors", *null_text)
@@ -322,10 +357,8 @@ def test_keep_source_tokens_on_the_command_line_is_the_edit_with_kept_tokens(
         "--load-inversion",
         str(tmp_path / "inversion.safetensors"),
     ]
-    figure = edit_on_the_command_line(
-        tmp_path, "kept", *loaded, "--steps", str(STEPS), "--keep-source-tokens"
-    )
-    _, edit = swap(shapes, *null_text, keep_source_tokens=True)
+    figure = edit_on_the_command_line(tmp_path, "edit", *loaded, "--steps", str(STEPS), *flags)
+    _, edit = swap(shapes, *null_text, **options)
     assert np.array_equal(tile(figure, 2), edit)
 
 

@@ -36,6 +36,8 @@ MISTAKES = {
         (["--inversion", "ddim"], "--inversion inverts a picture: give --image"),
         (["--save-inversion", "cat.safetensors"], "--save-inversion inverts a picture: give --image"),
         (["--load-inversion", "cat.safetensors"], "--load-inversion inverts a picture: give --image"),
+        (["--target-null-weight", "0.5"], "--target-null-weight weighs the null embeddings of an inversion"),
+        (PHOTO + ["--target-null-weight", "2"], "--target-null-weight"),
         (["--image", "cat.png"], "--image: give --source, the picture's caption"),
         (["--image", "cat.png", "--source", "a cat"], "--image: give --target, the caption edited"),
         (PHOTO + ["--image", "missing.png"], "--image: Cannot read the image 'missing.png'"),
