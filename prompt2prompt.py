@@ -689,7 +689,8 @@ def text2image_ldm(
     with ptp_utils.register_attention_control(model, controller):
         for i, t in enumerate(model.progress_bar(model.scheduler.timesteps)):
             if uncond_embeddings is not None:
-                # One tensor expanded to the batch: every prompt's unconditional branch is the same.
+                # One tensor expanded to the batch: every prompt's unconditional branch is the same,
+                # unless the targets take only a share of it.
                 null = uncond_embeddings[i].to(cond_embeddings).expand(len(prompt), -1, -1)
                 if target_null_weight != 1:
                     targets = own_uncond[1:] + target_null_weight * (null[1:] - own_uncond[1:])

@@ -122,7 +122,6 @@ TI_LR = 5e-3
 TI_BATCH = 8
 INVERSION_SCENES = 100
 INVERSION_METHODS = ("ddim", "negative_prompt", "null_text")
-# The real-picture edit of record: null-text inversion's, with text2image_ldm's keep_source_tokens.
 # The swap of record on a null-text inversion: the target takes half of each step's null embedding
 # (chosen on the development scenes, docs/benchmarks.md); beside it, the target keeping the source's tokens.
 RECORD_EDIT, KEPT_TOKENS_EDIT = "null_text_target_null_weight", "null_text_keep_source_tokens"
