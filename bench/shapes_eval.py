@@ -570,6 +570,8 @@ def refine_study(
     out: Path,
     seed: int = REFINE_SEED,
     shared_steps: float = p2p.REFINE_SHARED_STEPS,
+    cross_replace_steps: float = p2p.CROSS_REPLACE_STEPS,
+    self_replace_steps: float = p2p.SELF_REPLACE_STEPS,
 ) -> dict:
     """Refinement by a size word: "a red circle ..." to "a small red circle ..." and "a large ...",
     with AttentionRefine (the targets on the source's latents for the first `shared_steps`) and with
@@ -583,8 +585,8 @@ def refine_study(
         controller = p2p.AttentionRefine(
             prompts,
             steps,
-            p2p.CROSS_REPLACE_STEPS,
-            p2p.SELF_REPLACE_STEPS,
+            cross_replace_steps,
+            self_replace_steps,
             tokenizer=model.tokenizer,
             device=model.device,
         )
@@ -629,6 +631,8 @@ def refine_study(
         "refine_edits": len(rows),
         "refine_seed": seed,
         "refine_shared_steps": shared_steps,
+        "refine_cross_replace_steps": cross_replace_steps,
+        "refine_self_replace_steps": self_replace_steps,
     }
 
 
@@ -845,6 +849,18 @@ def main() -> None:
         default=p2p.REFINE_SHARED_STEPS,
         help="refine: share of the first steps in which the targets take the source's latents",
     )
+    parser.add_argument(
+        "--refine-cross-replace",
+        type=cli.fraction,
+        default=p2p.CROSS_REPLACE_STEPS,
+        help="refine: share of the steps in which the targets take the source's cross-attention maps",
+    )
+    parser.add_argument(
+        "--refine-self-replace",
+        type=cli.fraction,
+        default=p2p.SELF_REPLACE_STEPS,
+        help="refine: share of the steps in which the targets take the source's self-attention maps",
+    )
     parser.add_argument("--swaps", nargs="+", choices=SWAPS, default=SWAPS, help="word swaps of these kinds")
     parser.add_argument(
         "--background-self-replace",
@@ -906,7 +922,13 @@ def main() -> None:
             args.inversion_seed,
             args.target_null_weight,
         )
-    refine = functools.partial(refine_study, seed=args.refine_seed, shared_steps=args.refine_shared_steps)
+    refine = functools.partial(
+        refine_study,
+        seed=args.refine_seed,
+        shared_steps=args.refine_shared_steps,
+        cross_replace_steps=args.refine_cross_replace,
+        self_replace_steps=args.refine_self_replace,
+    )
     edit_studies = {"refine": refine, "reweight": reweight_study, "local_blend": local_blend_study}
     for part, study in edit_studies.items():
         if part in args.parts:
