@@ -843,24 +843,24 @@ def main() -> None:
         help="base seed of the refine scenes: the default is the test split; the refinement's settings "
         f"were chosen on the development split, {REFINE_SEED + DEV_SEED_OFFSET}",
     )
-    parser.add_argument(
-        "--refine-shared-steps",
-        type=cli.fraction,
-        default=p2p.REFINE_SHARED_STEPS,
-        help="refine: share of the first steps in which the targets take the source's latents",
-    )
-    parser.add_argument(
-        "--refine-cross-replace",
-        type=cli.fraction,
-        default=p2p.CROSS_REPLACE_STEPS,
-        help="refine: share of the steps in which the targets take the source's cross-attention maps",
-    )
-    parser.add_argument(
-        "--refine-self-replace",
-        type=cli.fraction,
-        default=p2p.SELF_REPLACE_STEPS,
-        help="refine: share of the steps in which the targets take the source's self-attention maps",
-    )
+    for flag, default, steps in [
+        (
+            "--refine-shared-steps",
+            p2p.REFINE_SHARED_STEPS,
+            "the first steps in which the targets take the source's latents",
+        ),
+        (
+            "--refine-cross-replace",
+            p2p.CROSS_REPLACE_STEPS,
+            "the steps in which the targets take the source's cross-attention maps",
+        ),
+        (
+            "--refine-self-replace",
+            p2p.SELF_REPLACE_STEPS,
+            "the steps in which the targets take the source's self-attention maps",
+        ),
+    ]:
+        parser.add_argument(flag, type=cli.fraction, default=default, help=f"refine: share of {steps}")
     parser.add_argument("--swaps", nargs="+", choices=SWAPS, default=SWAPS, help="word swaps of these kinds")
     parser.add_argument(
         "--background-self-replace",
