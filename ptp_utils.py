@@ -78,6 +78,8 @@ SCHEDULERS = {
 }
 SCHEDULER_GRID_STEPS = (10, 25, 50)
 CLIP_MAX_LENGTH = 77
+# The latents' scale of SD 1.x's and 2.x's VAE, and of SDXL's.
+SD_VAE_SCALING_FACTOR, SDXL_VAE_SCALING_FACTOR = 0.18215, 0.13025
 # OpenAI's CLIP ViT-L/14 text encoder: SD 1.x's, and SDXL's first.
 CLIP_VIT_L_SIZES = dict(
     hidden_size=768,
@@ -180,18 +182,11 @@ def make_sd1_random_pipeline() -> StableDiffusionPipeline:
 
     For benchmarks without a download: same sizes, same cost, no pictures.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     tokenizer = offline_clip_tokenizer()
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
+    vae = make_sd_vae(sample_size=512)
     text_encoder = make_clip_text_encoder(tokenizer, **CLIP_VIT_L_SIZES)
     return assemble_pipeline(vae, text_encoder, unet, tokenizer)
 
@@ -277,7 +272,7 @@ def make_sdxl_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
 def make_sdxl_random_pipeline() -> StableDiffusionXLPipeline:
     """SDXL base's architecture (stabilityai/stable-diffusion-xl-base-1.0's configs) with random weights:
     about 3.5 billion parameters, 70 transformer blocks, for benchmarks without a download."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     tokenizer = offline_clip_tokenizer()
     tokenizer_2 = offline_clip_tokenizer(pad_token=OPENCLIP_PAD_TOKEN)
@@ -294,15 +289,7 @@ def make_sdxl_random_pipeline() -> StableDiffusionXLPipeline:
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,  # 6 * 256 + 1280
     )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=1024,
-        scaling_factor=0.13025,
-    )
+    vae = make_sd_vae(sample_size=1024, scaling_factor=SDXL_VAE_SCALING_FACTOR)
     text_encoder = make_clip_text_encoder(tokenizer, **CLIP_VIT_L_SIZES)
     text_encoder_2 = make_clip_text_encoder(
         tokenizer_2,
@@ -316,6 +303,21 @@ def make_sdxl_random_pipeline() -> StableDiffusionXLPipeline:
     )
     return assemble_pipeline(
         vae, text_encoder, unet, tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2
+    )
+
+
+def make_sd_vae(sample_size: int, scaling_factor: float = SD_VAE_SCALING_FACTOR) -> AutoencoderKL:
+    """Stable Diffusion's VAE (four levels, a latent pixel is 8x8 image pixels) with random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
     )
 
 
