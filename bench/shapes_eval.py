@@ -574,7 +574,8 @@ def refine_study(
     self_replace_steps: float = p2p.SELF_REPLACE_STEPS,
 ) -> dict:
     """Refinement by a size word: "a red circle ..." to "a small red circle ..." and "a large ...",
-    with AttentionRefine (the targets on the source's latents for the first `shared_steps`) and with
+    with AttentionRefine (the source's cross- and self-attention injected for `cross_replace_steps` and
+    `self_replace_steps`, the targets on the source's latents for the first `shared_steps`) and with
     plain regeneration of the targets from the same x_T; scenes and noise drawn from `seed`."""
     rows = []
     for i, scene in enumerate(tqdm(scenes_of(n, seed, objects=1), desc="refine")):
