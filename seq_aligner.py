@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{num_words[1]}: add --refine to align prompts that add or remove words"
         )
 
-    from ptp_utils import check_prompt_length, offline_clip_tokenizer
+    from offline_models import offline_clip_tokenizer
+    from ptp_utils import check_prompt_length
 
     tokenizer = offline_clip_tokenizer()
     for name, prompt in (("source", args.source), ("target", args.target)):

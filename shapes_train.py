@@ -47,13 +47,13 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ptp_utils import (
+from offline_models import (
     SD_SCHEDULER_CONFIG,
     assemble_pipeline,
     make_clip_text_encoder,
     offline_clip_tokenizer,
-    tokenize_prompts,
 )
+from ptp_utils import tokenize_prompts
 from shapes_world import IMAGE_SIZE, judge_accuracy, make_batch, to_tensor, to_uint8
 
 LATENT_SIZE = 16

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-import ptp_utils  # noqa: E402
+import offline_models  # noqa: E402
 
 # The test models are tiny: thread start-up costs more than it saves, and with other jobs on a
 # 2-core machine extra threads oversubscribe the cores (20x slower in a measurement here).
@@ -17,13 +17,13 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return ptp_utils.offline_clip_tokenizer()
+    return offline_models.offline_clip_tokenizer()
 
 
 @pytest.fixture
 def tiny_pipe():
     """A fresh tiny pipeline, with its own tokenizer, per test: tests may add tokens or swap schedulers."""
-    return ptp_utils.make_tiny_pipeline(seed=0)
+    return offline_models.make_tiny_pipeline(seed=0)
 
 
 @pytest.fixture

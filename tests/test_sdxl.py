@@ -8,6 +8,7 @@ from accelerate import init_empty_weights
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import Attention
 
+import offline_models
 import prompt2prompt as p2p
 import ptp_utils
 
@@ -17,12 +18,12 @@ PROMPTS = ["a cat riding a bicycle", "a dog"]
 
 @pytest.fixture(scope="module")
 def sd2_pipe():
-    return ptp_utils.make_sd2_tiny_pipeline()
+    return offline_models.make_sd2_tiny_pipeline()
 
 
 @pytest.fixture(scope="module")
 def sdxl_pipe():
-    return ptp_utils.make_sdxl_tiny_pipeline()
+    return offline_models.make_sdxl_tiny_pipeline()
 
 
 @pytest.fixture(params=["sd2", "sdxl"])
@@ -73,7 +74,7 @@ def test_sdxl_tiny_has_two_text_encoders_and_time_ids(sdxl_pipe):
 
 def test_sdxl_random_has_sdxl_bases_architecture():
     with init_empty_weights():  # the configs, without 3.5 billion parameters' memory
-        pipe = ptp_utils.make_sdxl_random_pipeline()
+        pipe = offline_models.make_sdxl_random_pipeline()
     # SDXL base: 70 transformer blocks (a self- and a cross-attention layer each), a 2.57B-parameter
     # UNet, OpenCLIP ViT-bigG's 694.7M-parameter text encoder with projection.
     assert len(pipe.unet.attn_processors) == 2 * 70

@@ -12,7 +12,8 @@ from PIL import Image
 
 import shapes_train
 import shapes_world as sw
-from ptp_utils import SD_SCHEDULER_CONFIG, tokenize_prompts
+from offline_models import SD_SCHEDULER_CONFIG
+from ptp_utils import tokenize_prompts
 
 
 def test_judge_reads_ground_truth_images():

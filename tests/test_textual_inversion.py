@@ -12,6 +12,7 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 from safetensors.torch import load_file
 
+import offline_models
 import ptp_utils
 import textual_inversion as ti
 
@@ -198,14 +199,14 @@ def test_saved_embeddings_reproduce_the_wrapper_in_a_stock_pipeline(
     prompt = f"a photo of {TOKEN} on a table"
     ours = wrapper([prompt], generator=torch.Generator().manual_seed(3), num_inference_steps=3)
     # Training ran wherever accelerate put it; the fresh pipelines run there too.
-    stock = ptp_utils.make_tiny_pipeline(seed=0).to(wrapper.device)
+    stock = offline_models.make_tiny_pipeline(seed=0).to(wrapper.device)
     stock.load_textual_inversion(tmp_path / ti.EMBEDS_FILE)
     theirs = stock(prompt, generator=torch.Generator().manual_seed(3), num_inference_steps=3).images
-    reloaded = ti.StableDiffusionWrapper(ptp_utils.make_tiny_pipeline(seed=0).to(wrapper.device))
+    reloaded = ti.StableDiffusionWrapper(offline_models.make_tiny_pipeline(seed=0).to(wrapper.device))
     reloaded.load_textual_inversion(tmp_path / ti.EMBEDS_FILE)
     again = reloaded([prompt], generator=torch.Generator().manual_seed(3), num_inference_steps=3)
     untrained = (
-        ptp_utils.make_tiny_pipeline(seed=0)
+        offline_models.make_tiny_pipeline(seed=0)
         .to(wrapper.device)(prompt, generator=torch.Generator().manual_seed(3), num_inference_steps=3)
         .images
     )
@@ -217,7 +218,7 @@ def test_saved_embeddings_reproduce_the_wrapper_in_a_stock_pipeline(
 
 def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, image_folder):
     def run(output_dir, steps, resume_from=None):
-        wrapper = ti.StableDiffusionWrapper(ptp_utils.make_tiny_pipeline(seed=0))
+        wrapper = ti.StableDiffusionWrapper(offline_models.make_tiny_pipeline(seed=0))
         config = make_config(
             image_folder, output_dir, num_inversion_steps=steps, checkpoint_every=2, resume_from=resume_from
         )
@@ -244,7 +245,7 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, image_f
 
 def test_compiled_models_learn_the_same_embeddings(tmp_path, image_folder, eager_compile):
     def train(output_dir, **overrides):
-        wrapper = ti.StableDiffusionWrapper(ptp_utils.make_tiny_pipeline(seed=0))
+        wrapper = ti.StableDiffusionWrapper(offline_models.make_tiny_pipeline(seed=0))
         ti.textual_inversion(wrapper, make_config(image_folder, output_dir, **overrides))
         return wrapper
 
@@ -257,7 +258,7 @@ def test_compiled_models_learn_the_same_embeddings(tmp_path, image_folder, eager
         torch.testing.assert_close(compiled, plain, rtol=0, atol=2e-3)
     else:
         assert torch.equal(compiled, plain)
-    untrained = ptp_utils.make_tiny_pipeline(seed=0)
+    untrained = offline_models.make_tiny_pipeline(seed=0)
     initializer = embedding_weight(untrained)[untrained.tokenizer.convert_tokens_to_ids("ball</w>")]
     assert not torch.equal(plain, initializer)
 
@@ -325,7 +326,7 @@ def test_an_unreachable_model_says_how_to_work_offline():
 
 @pytest.mark.parametrize("num_vectors", [1, 2])
 def test_sdxl_learns_a_row_in_both_encoders_that_the_stock_calls_load(tmp_path, image_folder, num_vectors):
-    wrapper = ti.StableDiffusionWrapper(ptp_utils.make_sdxl_tiny_pipeline())
+    wrapper = ti.StableDiffusionWrapper(offline_models.make_sdxl_tiny_pipeline())
     rows_before = [e.get_input_embeddings().weight.detach().clone() for e in wrapper.text_encoders]
     tokens = ti.multi_vector_tokens(TOKEN, num_vectors)
     ti.textual_inversion(wrapper, make_config(image_folder, tmp_path, placeholder_tokens=tokens))
@@ -344,7 +345,7 @@ def test_sdxl_learns_a_row_in_both_encoders_that_the_stock_calls_load(tmp_path, 
     prompt = f"a photo of {TOKEN} on a table"
     ours = wrapper([prompt], generator=torch.Generator().manual_seed(3), num_inference_steps=3)
     # diffusers' documented SDXL loading: one call per text encoder, with its tokenizer.
-    stock = ptp_utils.make_sdxl_tiny_pipeline().to(wrapper.device)
+    stock = offline_models.make_sdxl_tiny_pipeline().to(wrapper.device)
     embeddings = load_file(tmp_path / ti.EMBEDS_FILE)
     stock.load_textual_inversion(
         embeddings["clip_l"], token=TOKEN, text_encoder=stock.text_encoder, tokenizer=stock.tokenizer
@@ -354,10 +355,10 @@ def test_sdxl_learns_a_row_in_both_encoders_that_the_stock_calls_load(tmp_path, 
     )
     sampling = dict(num_inference_steps=3, guidance_scale=ti.GUIDANCE_SCALE)  # SDXL's default is 5
     theirs = stock(prompt, generator=torch.Generator().manual_seed(3), **sampling).images
-    reloaded = ti.StableDiffusionWrapper(ptp_utils.make_sdxl_tiny_pipeline().to(wrapper.device))
+    reloaded = ti.StableDiffusionWrapper(offline_models.make_sdxl_tiny_pipeline().to(wrapper.device))
     reloaded.load_textual_inversion(tmp_path / ti.EMBEDS_FILE, token=TOKEN)
     again = reloaded([prompt], generator=torch.Generator().manual_seed(3), num_inference_steps=3)
-    untrained = ptp_utils.make_sdxl_tiny_pipeline().to(wrapper.device)
+    untrained = offline_models.make_sdxl_tiny_pipeline().to(wrapper.device)
     before = untrained(prompt, generator=torch.Generator().manual_seed(3), **sampling).images
 
     assert np.array_equal(np.asarray(ours[0]), np.asarray(theirs[0]))
@@ -366,7 +367,7 @@ def test_sdxl_learns_a_row_in_both_encoders_that_the_stock_calls_load(tmp_path, 
 
 
 def test_sdxl_training_conditions_as_the_pipeline_does():
-    pipe = ptp_utils.make_sdxl_tiny_pipeline()
+    pipe = offline_models.make_sdxl_tiny_pipeline()
     wrapper = ti.StableDiffusionWrapper(pipe)
     prompts = ["a photo of a ball", "a cat"]
     with torch.no_grad():
@@ -379,7 +380,7 @@ def test_sdxl_training_conditions_as_the_pipeline_does():
 
 
 def test_v_prediction_loss_regresses_the_velocity():
-    wrapper = ti.StableDiffusionWrapper(ptp_utils.make_sd2_tiny_pipeline())
+    wrapper = ti.StableDiffusionWrapper(offline_models.make_sd2_tiny_pipeline())
     assert wrapper.scheduler.config.prediction_type == "v_prediction"
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     timesteps = torch.tensor([100, 700])

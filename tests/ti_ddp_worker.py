@@ -12,7 +12,7 @@ from accelerate import PartialState
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_textual_inversion import make_config  # noqa: E402
 
-import ptp_utils  # noqa: E402
+import offline_models  # noqa: E402
 import textual_inversion as ti  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__)
@@ -20,7 +20,7 @@ parser.add_argument("images", help="the folder of training images")
 parser.add_argument("output_dir", help="where the embeddings and rank<N>.pt go")
 args = parser.parse_args()
 torch.set_num_threads(1)
-wrapper = ti.StableDiffusionWrapper(ptp_utils.make_tiny_pipeline(seed=0))
+wrapper = ti.StableDiffusionWrapper(offline_models.make_tiny_pipeline(seed=0))
 config = make_config(args.images, args.output_dir)
 losses = []
 compute_loss = ti.compute_standard_diffusion_loss
