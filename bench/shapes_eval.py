@@ -41,7 +41,8 @@
                     step; *_first, *_second: the change and the region when the swapped object is
                     the caption's first or second; local_blend_background_change_rim,
                     _in_region, _outside_region: its change split among pixels within one pixel of
-                    an object (the anti-aliased rim), the rest of the region, and outside the region.
+                    an object (the anti-aliased rim), the rest of the region, and outside the region;
+                    p2p_background_change_rim, ...: P2P's change split by the same places.
 
 Prints one JSON object last; --json writes it to a file too.
 
@@ -572,11 +573,13 @@ def refine_study(
     shared_steps: float = p2p.REFINE_SHARED_STEPS,
     cross_replace_steps: float = p2p.CROSS_REPLACE_STEPS,
     self_replace_steps: float = p2p.SELF_REPLACE_STEPS,
+    guidance: float = GUIDANCE,
 ) -> dict:
     """Refinement by a size word: "a red circle ..." to "a small red circle ..." and "a large ...",
     with AttentionRefine (the source's cross- and self-attention injected for `cross_replace_steps` and
     `self_replace_steps`, the targets on the source's latents for the first `shared_steps`) and with
-    plain regeneration of the targets from the same x_T; scenes and noise drawn from `seed`."""
+    plain regeneration of the targets from the same x_T, all at `guidance`; scenes and noise drawn
+    from `seed`."""
     rows = []
     for i, scene in enumerate(tqdm(scenes_of(n, seed, objects=1), desc="refine")):
         obj = scene.objects[0]
@@ -593,8 +596,8 @@ def refine_study(
         )
         controller.shared_steps = shared_steps
         generator = torch.Generator().manual_seed(seed + i)
-        (src, *edits), x_t = p2p.text2image_ldm(model, prompts, controller, steps, GUIDANCE, generator)
-        plains, _ = p2p.text2image_ldm(model, targets, p2p.EmptyControl(), steps, GUIDANCE, latent=x_t)
+        (src, *edits), x_t = p2p.text2image_ldm(model, prompts, controller, steps, guidance, generator)
+        plains, _ = p2p.text2image_ldm(model, targets, p2p.EmptyControl(), steps, guidance, latent=x_t)
         seen_src = judge(src)
         source_size = getattr(main_object(seen_src), "size", None)
         for size, edit, plain in zip(SIZES, edits, plains, strict=True):
@@ -634,6 +637,7 @@ def refine_study(
         "refine_shared_steps": shared_steps,
         "refine_cross_replace_steps": cross_replace_steps,
         "refine_self_replace_steps": self_replace_steps,
+        "refine_guidance": guidance,
     }
 
 
@@ -726,21 +730,30 @@ def keeps_object(seen: Judgement, obj: JudgedObject) -> bool:
     )
 
 
-def local_blend_study(model: StableDiffusionPipeline, n: int, steps: int, out: Path) -> dict:
+def local_blend_study(
+    model: StableDiffusionPipeline,
+    n: int,
+    steps: int,
+    out: Path,
+    seed: int = BLEND_SEED,
+    words_after: bool = False,
+) -> dict:
     """Shape swaps of one object of two-object scenes, with Prompt-to-Prompt alone and with a LocalBlend
-    on the object's colour and shape words: the background's change, the other object kept, the swap.
+    on the object's colour and shape words (with `words_after`, the second object's blend also takes
+    the caption's words after it: bench/shapes_attention.py shows they are where this model's
+    cross-attention locates it): the background's change, the other object kept, the swap.
 
-    Runs scenes until n sources show two objects (the other object is then the one not swapped); the
-    background change counts every scene run.
+    Runs scenes drawn from `seed` until n sources show two objects (the other object is then the one
+    not swapped); the background change counts every scene run.
     """
     rows, kept, i = [], [], 0
     progress = tqdm(total=n, desc="local blend")
     while len(kept) < n:
-        scene = sample_scene(scene_rng(BLEND_SEED, i))
+        scene = sample_scene(scene_rng(seed, i))
         i += 1
         if len(scene.objects) != 2:
             continue
-        rng = np.random.default_rng([BLEND_SEED, i])
+        rng = np.random.default_rng([seed, i])
         k = len(rows) % 2  # the swapped object: left and right in turn
         obj = scene.objects[k]
         new = str(rng.choice([s for s in SHAPES if s != obj.shape and (obj.colour, s) != HELD_OUT]))
@@ -751,6 +764,8 @@ def local_blend_study(model: StableDiffusionPipeline, n: int, steps: int, out: P
         # Word places, not words: the other object may share the colour or the shape.
         first = len(make_caption(objects[:k], "", with_background=False).split()) + 1 if k else 0
         words = [first + 2, first + 3]  # "a SIZE COLOUR SHAPE"
+        if words_after and k == 1:
+            words += list(range(first + 4, len(source.split())))
         blends = {"p2p": None, "local_blend": p2p.LocalBlend([source, target], [words] * 2, model.tokenizer)}
         images, x_t = {}, None
         for name, blend in blends.items():
@@ -763,7 +778,7 @@ def local_blend_study(model: StableDiffusionPipeline, n: int, steps: int, out: P
                 tokenizer=model.tokenizer,
                 device=model.device,
             )
-            generator = torch.Generator().manual_seed(BLEND_SEED + len(rows))
+            generator = torch.Generator().manual_seed(seed + len(rows))
             (src, images[name]), x_t = p2p.text2image_ldm(
                 model, [source, target], controller, steps, GUIDANCE, generator, latent=x_t
             )
@@ -775,9 +790,9 @@ def local_blend_study(model: StableDiffusionPipeline, n: int, steps: int, out: P
         for name, edit in images.items():
             seen_edit = judge(edit)
             row[f"{name}_background_change"] = background_change(src, edit, seen_src, seen_edit)
-            if blends[name] is not None:
-                places = background_change_by_place(src, edit, seen_src, seen_edit, region)
-                row |= {f"{name}_background_change_{place}": share for place, share in places.items()}
+            # Both edits split by the blend's places: what the blend kept is P2P's change outside it.
+            places = background_change_by_place(src, edit, seen_src, seen_edit, region)
+            row |= {f"{name}_background_change_{place}": share for place, share in places.items()}
             swapped = [o for o in seen_edit.objects if o.shape == new and o.colour == obj.colour]
             row[f"{name}_swap_success"] = bool(swapped)
             if len(seen_src.objects) == 2:
@@ -799,12 +814,18 @@ def local_blend_study(model: StableDiffusionPipeline, n: int, steps: int, out: P
         report[f"{name}_background_change"] = float(np.mean([r[f"{name}_background_change"] for r in rows]))
         report[f"{name}_other_object_kept"] = float(np.mean([r[f"{name}_other_object_kept"] for r in kept]))
         report[f"{name}_swap_success"] = float(np.mean([r[f"{name}_swap_success"] for r in rows]))
-    for key in ("local_blend_region", *(f"local_blend_background_change_{p}" for p in BLEND_PLACES)):
+    places = [f"{name}_background_change_{p}" for name in ("local_blend", "p2p") for p in BLEND_PLACES]
+    for key in ("local_blend_region", *places):
         report[key] = float(np.mean([r[key] for r in rows]))
     for key in ("local_blend_background_change", "p2p_background_change", "local_blend_region"):
         for swapped, which in enumerate(("first", "second")):
             report[f"{key}_{which}"] = float(np.mean([r[key] for r in rows if r["swapped"] == swapped]))
-    report |= {"local_blend_scenes": len(rows), "local_blend_two_object_sources": len(kept)}
+    report |= {
+        "local_blend_scenes": len(rows),
+        "local_blend_two_object_sources": len(kept),
+        "local_blend_seed": seed,
+        "local_blend_words_after": words_after,
+    }
     return report
 
 
@@ -862,6 +883,21 @@ def main() -> None:
         ),
     ]:
         parser.add_argument(flag, type=cli.fraction, default=default, help=f"refine: share of {steps}")
+    parser.add_argument(
+        "--refine-guidance", type=float, default=GUIDANCE, help="refine: the classifier-free guidance scale"
+    )
+    parser.add_argument(
+        "--blend-seed",
+        type=int,
+        default=BLEND_SEED,
+        help=f"base seed of the local_blend scenes: the default is the test split; the development "
+        f"split is {BLEND_SEED + DEV_SEED_OFFSET}",
+    )
+    parser.add_argument(
+        "--blend-words-after",
+        action="store_true",
+        help="local_blend: the second object's blend also takes the caption's words after it",
+    )
     parser.add_argument("--swaps", nargs="+", choices=SWAPS, default=SWAPS, help="word swaps of these kinds")
     parser.add_argument(
         "--background-self-replace",
@@ -929,8 +965,12 @@ def main() -> None:
         shared_steps=args.refine_shared_steps,
         cross_replace_steps=args.refine_cross_replace,
         self_replace_steps=args.refine_self_replace,
+        guidance=args.refine_guidance,
     )
-    edit_studies = {"refine": refine, "reweight": reweight_study, "local_blend": local_blend_study}
+    local_blend = functools.partial(
+        local_blend_study, seed=args.blend_seed, words_after=args.blend_words_after
+    )
+    edit_studies = {"refine": refine, "reweight": reweight_study, "local_blend": local_blend}
     for part, study in edit_studies.items():
         if part in args.parts:
             report |= study(model, 2 if args.quick else args.edit_scenes, args.edit_steps, figures)
