@@ -85,17 +85,16 @@ def attention_report(model, scenes: int) -> dict:
         end = len(tokenizer(caption).input_ids) - 1
         groups["end token and padding"] = list(range(end, tokenizer.model_max_length))
         for place in PLACES:
-            for res in sorted(
-                {int(item.shape[1] ** 0.5) for item in store.attention_store[f"{place}_cross"]}
-            ):
+            layers = store.attention_store[f"{place}_cross"]
+            for res in sorted({int(item.shape[1] ** 0.5) for item in layers}):
                 maps = ptp_utils.aggregate_attention(store, [caption], res, [place], True, 0)
                 for name, tokens in groups.items():
                     shares.setdefault(f"{place} {res}x{res}", {}).setdefault(name, []).append(
                         shares_inside(maps[..., tokens].mean(-1), masks)
                     )
     report = {
-        layers: {name: np.mean(values, axis=0).round(3).tolist() for name, values in groups.items()}
-        for layers, groups in shares.items()
+        layers: {name: np.mean(values, axis=0).round(3).tolist() for name, values in by_group.items()}
+        for layers, by_group in shares.items()
     }
     return report | {"uniform": np.mean(uniform, axis=0).round(3).tolist(), "scenes": kept, "seed": SEED}
 
