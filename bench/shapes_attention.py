@@ -75,8 +75,7 @@ def attention_report(model, scenes: int) -> dict:
         if len(seen.objects) != 2:
             continue
         kept += 1
-        # Left to right, as the caption names them.
-        masks = [o.mask for o in sorted(seen.objects, key=lambda o: np.nonzero(o.mask)[1].mean())]
+        masks = [o.mask for o in seen.objects]  # the judge orders them left to right, as the caption
         uniform.append([float(mask.mean()) for mask in masks])
         groups = {
             name: [t for w in places for t in p2p.word_inds(caption, w, tokenizer)]
