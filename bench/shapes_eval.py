@@ -690,15 +690,6 @@ def changed_background(
     return background, changed
 
 
-def background_change(
-    source: np.ndarray, edit: np.ndarray, seen_source: Judgement, seen_edit: Judgement
-) -> float:
-    """The share of background pixels (outside both images' objects) that change by more than
-    BACKGROUND_LEVELS in any channel from source to edit."""
-    background, changed = changed_background(source, edit, seen_source, seen_edit)
-    return float(changed.sum() / background.sum()) if background.any() else 0.0
-
-
 BLEND_PLACES = ("rim", "in_region", "outside_region")
 OUTLINE = (255, 0, 255)  # the blend region's edge in the figures: no background or object colour
 
@@ -712,9 +703,10 @@ def dilated(mask: np.ndarray) -> np.ndarray:
 def background_change_by_place(
     source: np.ndarray, edit: np.ndarray, seen_source: Judgement, seen_edit: Judgement, region: np.ndarray
 ) -> dict[str, float]:
-    """background_change split by where the changed pixels lie: within one pixel of an object of either
-    image (the anti-aliased rim the judge leaves out of the objects), else inside `region` (a blend
-    region at the image's size), else outside it."""
+    """The share of background pixels (outside both images' objects) that change by more than
+    BACKGROUND_LEVELS from source to edit, split by where they lie: within one pixel of an object of
+    either image (the anti-aliased rim the judge leaves out of the objects), else inside `region` (a
+    blend region at the image's size), else outside it."""
     background, changed = changed_background(source, edit, seen_source, seen_edit)
     rim = dilated(~background)
     places = dict(zip(BLEND_PLACES, (rim, ~rim & region, ~rim & ~region), strict=True))
@@ -789,10 +781,10 @@ def local_blend_study(
         row = {"swapped": k, "local_blend_region": float(region.mean())}
         for name, edit in images.items():
             seen_edit = judge(edit)
-            row[f"{name}_background_change"] = background_change(src, edit, seen_src, seen_edit)
             # Both edits split by the blend's places: what the blend kept is P2P's change outside it.
             places = background_change_by_place(src, edit, seen_src, seen_edit, region)
             row |= {f"{name}_background_change_{place}": share for place, share in places.items()}
+            row[f"{name}_background_change"] = sum(places.values())  # the places split the background
             swapped = [o for o in seen_edit.objects if o.shape == new and o.colour == obj.colour]
             row[f"{name}_swap_success"] = bool(swapped)
             if len(seen_src.objects) == 2:
